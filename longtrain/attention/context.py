@@ -1,0 +1,22 @@
+"""The per-forward context every mixer receives: positions, documents and the SP setup."""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longtrain.parallel.context import SPContext
+
+
+@dataclass
+class AttnContext:
+    """positions [N_local] are the global positions of this rank's tokens (RoPE); seq_len is the global N."""
+    positions: Tensor
+    seq_len: int
+    segment_ids: Tensor | None = None
+    sp: SPContext | None = None
+    backend: str = "torch"
+
+    @staticmethod
+    def single(n: int, device=None, segment_ids: Tensor | None = None, backend: str = "torch") -> "AttnContext":
+        """Context for an unsharded sequence of n tokens on one device."""
+        return AttnContext(torch.arange(n, device=device), n, segment_ids, None, backend)

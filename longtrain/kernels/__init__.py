@@ -1,0 +1,20 @@
+"""Attention kernels: a torch reference and Triton kernels with the same signatures."""
+from types import ModuleType
+
+from longtrain.kernels import reference
+from longtrain.kernels.local import local_attention, local_linear_attention
+
+BACKENDS = ("torch", "triton")
+
+
+def get_backend(name: str) -> ModuleType:
+    """The kernel module for `name`; each exposes attention_forward/attention_backward/linear_attention_chunked."""
+    if name == "torch":
+        return reference
+    if name == "triton":
+        from longtrain.kernels import triton_backend
+        return triton_backend
+    raise ValueError(f"unknown kernel backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "get_backend", "local_attention", "local_linear_attention", "reference"]

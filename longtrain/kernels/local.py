@@ -1,0 +1,41 @@
+"""One device's attention as autograd ops, running a backend's blockwise forward and backward."""
+import torch
+from torch import Tensor
+
+
+class LocalAttention(torch.autograd.Function):
+    """(out, lse) = attention(q, k, v) with the backend's hand-written blockwise backward (no N x N saved)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_seg, k_seg, backend, opts):
+        out, lse = backend.attention_forward(q, k, v, q_seg=q_seg, k_seg=k_seg, **opts)
+        ctx.save_for_backward(q, k, v, out, lse, q_seg, k_seg)
+        ctx.backend, ctx.opts = backend, opts
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, q_seg, k_seg = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.attention_backward(dout, q, k, v, out, lse, q_seg=q_seg, k_seg=k_seg,
+                                                    dlse=dlse, **ctx.opts)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, *, backend, scale: float, causal: bool = True,
+                    window: int | None = None, q_seg: Tensor | None = None, k_seg: Tensor | None = None,
+                    q_start: int = 0, k_start: int = 0, kind: str = "softmax",
+                    sigmoid_bias: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """Differentiable attention on one device; returns (out in q.dtype, lse float32/64 or None)."""
+    opts = dict(scale=scale, causal=causal, window=window, q_start=q_start, k_start=k_start, kind=kind,
+                sigmoid_bias=sigmoid_bias)
+    return LocalAttention.apply(q, k, v, q_seg, k_seg, backend, opts)
+
+
+def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, backend, scale: float,
+                           log_decay: Tensor | None = None, initial_state: Tensor | None = None,
+                           output_final_state: bool = False, segment_ids: Tensor | None = None,
+                           chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """Differentiable chunked linear attention on one device through the backend."""
+    return backend.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay, initial_state=initial_state,
+                                            output_final_state=output_final_state, segment_ids=segment_ids,
+                                            chunk_size=chunk_size)

@@ -1,0 +1,97 @@
+"""Sequence parallelism: sharding, the softmax-family and linear-family SP algorithms, comm accounting."""
+import math
+
+from torch import Tensor
+
+from longtrain.kernels import get_backend, local_attention, local_linear_attention
+from longtrain.kernels.checks import check_attention_inputs, check_linear_inputs
+from longtrain.parallel.allgather import allgather_attention
+from longtrain.parallel.comm import group_size
+from longtrain.parallel.context import SPContext
+from longtrain.parallel.lasp1 import Lasp1
+from longtrain.parallel.lasp2 import Lasp2
+from longtrain.parallel.ring import ring_attention
+from longtrain.parallel.sharding import (LAYOUTS, local_positions, pad_sequence, shard_sequence,
+                                         unshard_sequence)
+from longtrain.parallel.ulysses import HeadToSeq, SeqToHead, check_heads, gather_segments
+from longtrain.parallel.usp import usp_attention
+from longtrain.parallel.zeco import ZeCO
+
+SOFTMAX_SP = ("ring", "allgather", "ulysses", "usp", "none")
+LINEAR_SP = ("lasp1", "lasp2", "zeco", "ulysses", "none")
+
+
+def check_algorithm(algorithm: str, known: tuple, P: int) -> None:
+    if algorithm not in known:
+        raise ValueError(f"unknown SP algorithm {algorithm!r}; known: {', '.join(known)}")
+    if algorithm == "none" and P > 1:
+        raise ValueError(f"algorithm 'none' needs an SP group of size 1, got {P}")
+
+
+def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorithm: str = "ring",
+                         layout: str = "contiguous", causal: bool = True, window: int | None = None,
+                         segment_ids: Tensor | None = None, scale: float | None = None, kind: str = "softmax",
+                         sigmoid_bias: float = 0.0, ulysses_size: int = 1,
+                         backend: str = "torch") -> tuple[Tensor, Tensor | None]:
+    """This rank's shard of single-device softmax (or sigmoid) attention; inputs are shards in `layout`.
+
+    Returns (out [B, Hq, N/P, D], lse [B, Hq, N/P] float32, or None for kind="sigmoid").
+    """
+    P = group_size(group)
+    check_algorithm(algorithm, SOFTMAX_SP, P)
+    check_attention_inputs(q, k, v, segment_ids, window, causal)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    kernels = get_backend(backend)
+    opts = dict(scale=1 / math.sqrt(q.shape[-1]) if scale is None else scale, causal=causal, window=window,
+                kind=kind, sigmoid_bias=sigmoid_bias)
+    if algorithm == "none" or (P == 1 and algorithm != "usp"):
+        return local_attention(q, k, v, backend=kernels, q_seg=segment_ids, k_seg=segment_ids, **opts)
+    if algorithm == "ring":
+        return ring_attention(q, k, v, segment_ids, group, layout, kernels, opts)
+    if algorithm == "allgather":
+        return allgather_attention(q, k, v, segment_ids, group, layout, kernels, opts)
+    if algorithm == "usp":
+        return usp_attention(q, k, v, segment_ids, group, layout, ulysses_size, kernels, opts)
+    check_heads(q.shape[1], k.shape[1], P)
+    qh, kh, vh = (SeqToHead.apply(t, group, layout) for t in (q, k, v))
+    seg_full = gather_segments(segment_ids, group, layout)
+    out, lse = local_attention(qh, kh, vh, backend=kernels, q_seg=seg_full, k_seg=seg_full, **opts)
+    out = HeadToSeq.apply(out, group, layout)
+    return out, (None if lse is None else HeadToSeq.apply(lse[..., None], group, layout)[..., 0])
+
+
+def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorithm: str = "lasp2",
+                        log_decay: Tensor | None = None, segment_ids: Tensor | None = None,
+                        scale: float | None = None, zeco_blocks: int | None = None, chunk_size: int = 64,
+                        backend: str = "torch") -> Tensor:
+    """This rank's shard of single-device `linear_attention`; inputs are contiguous shards [B, H, N/P, D]."""
+    P = group_size(group)
+    check_algorithm(algorithm, LINEAR_SP, P)
+    check_linear_inputs(q, k, v, log_decay, None, segment_ids)
+    kernels = get_backend(backend)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if algorithm == "none" or P == 1:
+        return local_linear_attention(q, k, v, backend=kernels, scale=scale, log_decay=log_decay,
+                                      segment_ids=segment_ids, chunk_size=chunk_size)[0]
+    if algorithm == "lasp1":
+        return Lasp1.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels)
+    if algorithm == "lasp2":
+        return Lasp2.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels)
+    if algorithm == "zeco":
+        return ZeCO.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, zeco_blocks)
+    check_heads(q.shape[1], k.shape[1], P)
+    qh, kh, vh = (SeqToHead.apply(t, group, "contiguous") for t in (q, k, v))
+    gh = None
+    if log_decay is not None:
+        g4 = log_decay if log_decay.dim() == 4 else log_decay[..., None]
+        gh = SeqToHead.apply(g4, group, "contiguous")
+        gh = gh if log_decay.dim() == 4 else gh[..., 0]
+    seg_full = gather_segments(segment_ids, group, "contiguous")
+    out, _ = local_linear_attention(qh, kh, vh, backend=kernels, scale=scale, log_decay=gh, segment_ids=seg_full,
+                                    chunk_size=chunk_size)
+    return HeadToSeq.apply(out, group, "contiguous")
+
+
+__all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "SPContext", "local_positions", "pad_sequence", "shard_sequence",
+           "sp_linear_attention", "sp_softmax_attention", "unshard_sequence"]

@@ -1,0 +1,126 @@
+"""Ring attention: K/V blocks travel around the SP ring; partial (out, lse) merge in float32.
+
+Communication (per rank, P ranks, local K/V of shape [B, Hkv, N/P, D]):
+  forward:  P-1 steps, each sends this step's (K, V) block (+ its segment ids) to rank r+1 and receives
+            the next from rank r-1 (batch_isend_irecv), posted before the step's compute so they overlap.
+  backward: K/V rotate again (P-1 hops); the dK/dV accumulator of each block travels with it (P hops)
+            and arrives back at its owner; dK/dV transfers overlap the next step's compute.
+Query/key chunk pairs that the causal or window mask hides entirely are skipped; with the zigzag layout
+every rank then does the same causal work.
+"""
+import torch
+from torch import Tensor
+
+from longtrain.kernels.reference import merge_partials, tile_is_masked
+from longtrain.parallel.comm import group_rank, group_size, p2p, wait
+from longtrain.parallel.sharding import local_chunks
+
+
+def chunk_pairs(n_local: int, P: int, q_rank: int, k_rank: int, layout: str, causal: bool, window: int | None):
+    """Unmasked (q_chunk, k_chunk) pairs between the tokens of q_rank and k_rank."""
+    q_chunks = local_chunks(n_local, P, q_rank, layout)
+    k_chunks = local_chunks(n_local, P, k_rank, layout)
+    return [(qc, kc) for qc in q_chunks for kc in k_chunks
+            if not tile_is_masked(qc[1], qc[1] + qc[2], kc[1], kc[1] + kc[2], causal, window)]
+
+
+def seq_slice(x: Tensor | None, chunk: tuple[int, int, int], dim: int = 2) -> Tensor | None:
+    return None if x is None else x.narrow(dim, chunk[0], chunk[2])
+
+
+class RingAttention(torch.autograd.Function):
+    """(out, lse) of this rank's queries against every rank's keys, K/V passed around the ring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seg, group, layout, backend, opts):
+        P, r = group_size(group), group_rank(group)
+        n_local = q.shape[2]
+        kind = opts["kind"]
+        out = None
+        lse = q.new_full((q.shape[0], q.shape[1], n_local), -torch.inf, dtype=torch.float64
+                         if q.dtype == torch.float64 else torch.float32) if kind == "softmax" else None
+        block = [k, v] + ([] if seg is None else [seg])
+        for step in range(P):
+            src = (r - step) % P
+            reqs, nxt = [], None
+            if step < P - 1:
+                nxt = [torch.empty_like(t) for t in block]
+                reqs = p2p([(t, (r + 1) % P) for t in block], [(t, (r - 1) % P) for t in nxt], group, "ring_fwd")
+            k_blk, v_blk = block[0], block[1]
+            k_seg = block[2] if seg is not None else None
+            for qc, kc in chunk_pairs(n_local, P, r, src, layout, opts["causal"], opts["window"]):
+                o_part, lse_part = backend.attention_forward(
+                    seq_slice(q, qc), seq_slice(k_blk, kc), seq_slice(v_blk, kc), q_seg=seq_slice(seg, qc, 1),
+                    k_seg=seq_slice(k_seg, kc, 1), q_start=qc[1], k_start=kc[1], **opts)
+                if out is None:
+                    out = o_part.new_zeros(*q.shape[:3], v.shape[-1])
+                sl = slice(qc[0], qc[0] + qc[2])
+                if kind == "sigmoid":
+                    out[:, :, sl] += o_part
+                else:
+                    out[:, :, sl], lse[:, :, sl] = merge_partials(out[:, :, sl], lse[:, :, sl], o_part, lse_part)
+            wait(reqs)
+            if nxt is not None:
+                block = nxt
+        if out is None:
+            out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=lse.dtype if lse is not None else torch.float32)
+        ctx.save_for_backward(q, k, v, seg, out, lse)
+        ctx.group, ctx.layout, ctx.backend, ctx.opts = group, layout, backend, opts
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, seg, out, lse = ctx.saved_tensors
+        group, layout, backend, opts = ctx.group, ctx.layout, ctx.backend, ctx.opts
+        P, r = group_size(group), group_rank(group)
+        n_local = q.shape[2]
+        delta = None
+        if opts["kind"] == "softmax":
+            delta = (dout.to(out.dtype) * out).sum(-1)
+            if dlse is not None:
+                delta = delta - dlse.to(delta.dtype)
+        dq = torch.zeros_like(out.new_empty(q.shape))
+        block = [k, v] + ([] if seg is None else [seg])
+        grad_reqs, grad_in = [], None
+        for step in range(P):
+            src = (r - step) % P
+            reqs, nxt = [], None
+            if step < P - 1:
+                nxt = [torch.empty_like(t) for t in block]
+                reqs = p2p([(t, (r + 1) % P) for t in block], [(t, (r - 1) % P) for t in nxt], group, "ring_bwd")
+            k_blk, v_blk = block[0], block[1]
+            k_seg = block[2] if seg is not None else None
+            dk_blk = torch.zeros_like(k_blk, dtype=out.dtype)
+            dv_blk = torch.zeros_like(v_blk, dtype=out.dtype)
+            for qc, kc in chunk_pairs(n_local, P, r, src, layout, opts["causal"], opts["window"]):
+                sq = slice(qc[0], qc[0] + qc[2])
+                dq_p, dk_p, dv_p = backend.attention_backward(
+                    seq_slice(dout, qc), seq_slice(q, qc), seq_slice(k_blk, kc), seq_slice(v_blk, kc), None,
+                    None if lse is None else lse[:, :, sq], q_seg=seq_slice(seg, qc, 1),
+                    k_seg=seq_slice(k_seg, kc, 1), q_start=qc[1], k_start=kc[1],
+                    delta=None if delta is None else delta[:, :, sq], **opts)
+                dq[:, :, sq] += dq_p
+                dk_blk[:, :, kc[0]:kc[0] + kc[2]] += dk_p
+                dv_blk[:, :, kc[0]:kc[0] + kc[2]] += dv_p
+            wait(grad_reqs)
+            if grad_in is not None:
+                dk_blk += grad_in[0]
+                dv_blk += grad_in[1]
+            if P > 1:
+                grad_in = [torch.empty_like(dk_blk), torch.empty_like(dv_blk)]
+                grad_reqs = p2p([(dk_blk, (r + 1) % P), (dv_blk, (r + 1) % P)],
+                                [(grad_in[0], (r - 1) % P), (grad_in[1], (r - 1) % P)], group, "ring_bwd_grad")
+            else:
+                grad_in = [dk_blk, dv_blk]
+            wait(reqs)
+            if nxt is not None:
+                block = nxt
+        wait(grad_reqs)
+        dk, dv = grad_in
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, group, layout: str, backend,
+                   opts: dict) -> tuple[Tensor, Tensor | None]:
+    """Ring attention over `group`; q/k/v/seg are this rank's shards in `layout`."""
+    return RingAttention.apply(q, k, v, seg, group, layout, backend, opts)

@@ -1,0 +1,211 @@
+"""The two core ops against independent naive references (full masked matrices, token-by-token recurrence)."""
+import math
+
+import pytest
+import torch
+
+from longtrain.attention import linear_attention, merge_attention, sigmoid_attention, softmax_attention
+from longtrain.kernels import reference
+from longtrain.kernels.reference import linear_attention_recurrent
+from naive import naive_sigmoid, naive_softmax
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(reference, "BLOCK", 16)  # several tiles, so skipping and online merging are exercised
+
+
+def rand(*shape, dtype=torch.float64, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def docs(B, N):
+    seg = torch.zeros(B, N, dtype=torch.long)
+    seg[0, 20:] = 1
+    seg[0, 33:] = 2
+    seg[-1, 5:] = 1
+    return seg
+
+
+CASES = [dict(), dict(causal=False), dict(window=7), dict(segment_ids=True), dict(window=9, segment_ids=True),
+         dict(q_start=30, k_start=10), dict(q_start=0, k_start=40)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+def test_softmax_matches_naive(case, heads):
+    B, N, D = 2, 50, 8
+    case = dict(case)
+    q = rand(B, heads[0], N, D, seed=1).requires_grad_()
+    k = rand(B, heads[1], N, D, seed=2).requires_grad_()
+    v = rand(B, heads[1], N, D, seed=3).requires_grad_()
+    seg = docs(B, N) if case.pop("segment_ids", False) else None
+    out, lse = softmax_attention(q, k, v, segment_ids=seg, **case)
+    want, want_lse = naive_softmax(q, k, v, causal=case.get("causal", True), window=case.get("window"),
+                                   q_start=case.get("q_start", 0), k_start=case.get("k_start", 0), q_seg=seg, k_seg=seg)
+    assert lse.dtype == torch.float64 and out.dtype == q.dtype
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=0)
+    assert not out.isnan().any()
+    dout = rand(*out.shape, seed=4)
+    got = torch.autograd.grad((out * dout).sum() + lse[finite].sum(), (q, k, v))
+    ref = torch.autograd.grad((want * dout).sum() + want_lse[finite].sum(), (q, k, v))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_softmax_fp32_lse_and_fully_masked_rows():
+    q, k, v = (rand(1, 2, 20, 8, dtype=torch.float32, seed=s) for s in range(3))
+    out, lse = softmax_attention(q, k, v, q_start=0, k_start=10)  # rows 0..9 see no key at all
+    assert lse.dtype == torch.float32
+    assert torch.isneginf(lse[..., :10]).all() and (out[..., :10, :] == 0).all()
+    assert torch.isfinite(lse[..., 10:]).all()
+
+
+def test_merge_of_two_key_halves_reproduces_the_full_result():
+    q, k, v = (rand(2, 3, 40, 8, seed=s) for s in range(3))
+    seg = docs(2, 40)
+    full, full_lse = softmax_attention(q, k, v, segment_ids=seg)
+    parts = [softmax_attention(q, k[:, :, a:b], v[:, :, a:b], segment_ids=seg, kv_segment_ids=seg[:, a:b],
+                               k_start=a) for a, b in ((0, 17), (17, 40))]
+    out, lse = merge_attention(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    torch.testing.assert_close(out, full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, full_lse, atol=1e-12, rtol=0)
+    empty_out, empty_lse = torch.zeros(1, 1, 2, 4), torch.full((1, 1, 2), -math.inf)
+    merged, merged_lse = merge_attention(empty_out, empty_lse, empty_out, empty_lse)
+    assert not merged.isnan().any() and torch.isneginf(merged_lse).all()
+
+
+@pytest.mark.parametrize("case", [dict(), dict(window=5), dict(segment_ids=True), dict(causal=False)], ids=str)
+def test_sigmoid_matches_naive(case):
+    case = dict(case)
+    q = rand(2, 4, 30, 8, seed=1).requires_grad_()
+    k = rand(2, 2, 30, 8, seed=2).requires_grad_()
+    v = rand(2, 2, 30, 8, seed=3).requires_grad_()
+    seg = docs(2, 30) if case.pop("segment_ids", False) else None
+    out = sigmoid_attention(q, k, v, segment_ids=seg, **case)
+    want = naive_sigmoid(q, k, v, causal=case.get("causal", True), window=case.get("window"), q_seg=seg, k_seg=seg)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_softmax_blockwise_never_builds_n_by_n(monkeypatch):
+    monkeypatch.setattr(reference, "BLOCK", 256)
+    q = k = v = torch.randn(1, 1, 8192, 16)
+    peak = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        res = real_matmul(a, b)
+        peak.append(res.numel())
+        return res
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    out, lse = softmax_attention(q, k, v)
+    assert max(peak) <= 256 * 256, max(peak)
+    assert out.shape == (1, 1, 8192, 16) and torch.isfinite(lse).all()
+
+
+DECAYS = ["none", "scalar", "channel"]
+
+
+def linear_inputs(decay, B=2, H=3, N=45, D=6, strong=False, seed=0):
+    q, k, v = (rand(B, H, N, D, seed=seed + s) for s in range(3))
+    g = None
+    if decay == "scalar":
+        g = -torch.rand(B, H, N, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    elif decay == "channel":
+        g = -torch.rand(B, H, N, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 2
+    if g is not None and strong:
+        g = torch.full_like(g, -20.0)
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("chunk", [1, 8, 16, 64])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_linear_chunked_matches_recurrent(decay, chunk, with_docs):
+    q, k, v, g = linear_inputs(decay)
+    s0 = rand(2, 3, 6, 6, seed=9)
+    seg = docs(2, 45) if with_docs else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)] + ([g.clone().requires_grad_()] if g is not None else [])
+    outs = []
+    for fn in ("chunked", "recurrent"):
+        lq, lk, lv, ls0 = leaves[:4]
+        lg = leaves[4] if g is not None else None
+        if fn == "chunked":
+            o, s = linear_attention(lq, lk, lv, log_decay=lg, initial_state=ls0, output_final_state=True,
+                                    segment_ids=seg, chunk_size=chunk)
+        else:
+            o, s = linear_attention_recurrent(lq, lk, lv, scale=6 ** -0.5, log_decay=lg, initial_state=ls0,
+                                              output_final_state=True, segment_ids=seg)
+        grads = torch.autograd.grad((o * rand(*o.shape, seed=11)).sum() + (s * rand(*s.shape, seed=12)).sum(), leaves)
+        outs.append((o, s, grads))
+    (o1, s1, g1), (o2, s2, g2) = outs
+    assert s1.dtype == torch.float64
+    torch.testing.assert_close(o1, o2, atol=1e-11, rtol=0)
+    torch.testing.assert_close(s1, s2, atol=1e-11, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+def test_linear_strong_decay_is_finite_in_fp32(decay):
+    q, k, v, g = (t.float() if t is not None else None for t in linear_inputs(decay, strong=True))
+    q, k, v, g = (t.requires_grad_() for t in (q, k, v, g))
+    out, state = linear_attention(q, k, v, log_decay=g, output_final_state=True, chunk_size=16)
+    want, want_state = linear_attention_recurrent(q, k, v, scale=6 ** -0.5, log_decay=g, output_final_state=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, want_state, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, g))
+    assert all(torch.isfinite(x).all() for x in grads)
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_two_halves_with_state_passing_equal_one_pass(decay):
+    q, k, v, g = linear_inputs(decay, N=40)
+    full, full_state = linear_attention(q, k, v, log_decay=g, output_final_state=True, chunk_size=8)
+    half = lambda t, a, b: None if t is None else t[:, :, a:b]
+    first, mid_state = linear_attention(half(q, 0, 23), half(k, 0, 23), half(v, 0, 23), log_decay=half(g, 0, 23),
+                                        output_final_state=True, chunk_size=8)
+    second, end_state = linear_attention(half(q, 23, 40), half(k, 23, 40), half(v, 23, 40),
+                                         log_decay=half(g, 23, 40), initial_state=mid_state,
+                                         output_final_state=True, chunk_size=8)
+    torch.testing.assert_close(torch.cat([first, second], 2), full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(end_state, full_state, atol=1e-12, rtol=0)
+
+
+def test_linear_chunked_memory_is_linear_in_n():
+    """Doubling N doubles (not quadruples) the largest intermediate."""
+    sizes = {}
+    for N in (256, 512):
+        q, k, v, g = (t.float() for t in linear_inputs("channel", B=1, H=1, N=N, D=4))
+        seen = []
+        real_exp = torch.exp
+
+        def spy(x, *a, **kw):
+            seen.append(x.numel())
+            return real_exp(x, *a, **kw)
+
+        torch.exp = spy
+        try:
+            linear_attention(q, k, v, log_decay=g, chunk_size=16)
+        finally:
+            torch.exp = real_exp
+        sizes[N] = max(seen)
+    assert sizes[512] == 2 * sizes[256]
+
+
+def test_bad_inputs_name_the_value():
+    q = torch.randn(1, 4, 8, 4)
+    with pytest.raises(ValueError, match="multiple of key/value heads 3"):
+        softmax_attention(q, torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4))
+    with pytest.raises(ValueError, match=r"segment_ids shape \(1, 7\)"):
+        softmax_attention(q, q, q, segment_ids=torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="log_decay shape"):
+        linear_attention(q, q, q, log_decay=torch.zeros(1, 4, 9))
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        softmax_attention(q, q, q, backend="cuda")

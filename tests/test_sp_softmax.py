@@ -1,0 +1,134 @@
+"""Softmax-family SP algorithms equal the single-device op: outputs, lse and q/k/v gradients (real gloo ranks)."""
+import itertools
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from longtrain.attention import sigmoid_attention, softmax_attention
+from longtrain.parallel import comm, shard_sequence, sp_softmax_attention, unshard_sequence
+
+pytestmark = pytest.mark.slow
+
+
+def make_inputs(B, Hq, Hkv, N, D, dtype, docs):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
+    dout = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
+    seg = None
+    if docs:  # documents of odd lengths that cross every rank boundary
+        bounds = torch.tensor([0, 5, 13, 14, 29, N])
+        seg = torch.bucketize(torch.arange(N), bounds[1:-1], right=True)[None].repeat(B, 1)
+    return q, k, v, dout, seg
+
+
+def reference(q, k, v, dout, seg, kind, causal, window):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    if kind == "sigmoid":
+        out, lse = sigmoid_attention(q, k, v, causal=causal, window=window, segment_ids=seg, bias=-2.0), None
+    else:
+        out, lse = softmax_attention(q, k, v, causal=causal, window=window, segment_ids=seg)
+    out.backward(dout)
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def check_case(group, algorithm, layout, kind, causal, window, docs, Hq, Hkv, dtype, tol, ulysses_size=1):
+    N = 48
+    q, k, v, dout, seg = make_inputs(2, Hq, Hkv, N, 16, dtype, docs)
+    ref = reference(q, k, v, dout, seg, kind, causal, window)
+    shard = lambda t, dim=2: None if t is None else shard_sequence(t, dim, group, layout)
+    ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
+    out, lse = sp_softmax_attention(ql, kl, vl, group=group, algorithm=algorithm, layout=layout, causal=causal,
+                                    window=window, segment_ids=shard(seg, 1), kind=kind, sigmoid_bias=-2.0,
+                                    ulysses_size=ulysses_size)
+    out.backward(shard(dout))
+    name = f"{algorithm}/{layout}/{kind}/causal={causal}/window={window}/docs={docs}/H={Hq}:{Hkv}/{dtype}"
+    for what, got, want in [("out", out, ref[0]), ("dq", ql.grad, ref[2]), ("dk", kl.grad, ref[3]),
+                            ("dv", vl.grad, ref[4])] + ([("lse", lse, ref[1])] if kind == "softmax" else []):
+        err = (got.double() - shard(want).double()).abs().max().item()
+        assert err < tol, f"{name}: {what} max abs err {err}"
+    assert torch.equal(unshard_sequence(out.detach(), 2, group, layout), unshard_sequence(out.detach(), 2, group,
+                                                                                           layout))
+
+
+def worker_all_algorithms(rank, world):
+    group = torch.distributed.group.WORLD
+    for algorithm, layout, kind in itertools.product(["ring", "allgather", "ulysses"], ["contiguous", "zigzag"],
+                                                     ["softmax", "sigmoid"]):
+        for causal, window, docs in [(True, None, False), (False, None, False), (True, 7, False), (True, None, True),
+                                     (True, 11, True)]:
+            if window is not None and not causal:
+                continue
+            heads = (12, 12) if algorithm == "ulysses" else (4, 2)
+            check_case(group, algorithm, layout, kind, causal, window, docs, *heads,
+                       torch.float64, 1e-10)
+    check_case(group, "ring", "zigzag", "softmax", True, None, True, 4, 2, torch.float32, 1e-5)
+    check_case(group, "allgather", "contiguous", "softmax", True, 9, False, 4, 2, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_softmax_sp_matches_single_device(world):
+    run_distributed(worker_all_algorithms, world)
+
+
+def worker_usp(rank, world):
+    group = torch.distributed.group.WORLD
+    for layout in ["contiguous", "zigzag"]:
+        check_case(group, "usp", layout, "softmax", True, None, True, 2, 2, torch.float64, 1e-10, ulysses_size=2)
+        check_case(group, "usp", layout, "softmax", True, 7, False, 2, 2, torch.float64, 1e-10, ulysses_size=2)
+    try:
+        check_case(group, "usp", "contiguous", "softmax", True, None, False, 3, 3, torch.float64, 1e-10,
+                   ulysses_size=2)
+    except ValueError as e:
+        assert "ulysses_size in" in str(e), e
+    else:
+        raise AssertionError("usp with heads not divisible by U must fail")
+
+
+def test_usp_four_ranks_two_groups():
+    run_distributed(worker_usp, 4)
+
+
+def worker_ring_bytes(rank, world):
+    B, Hkv, N, D = 2, 2, 64, 8
+    q, k, v, dout, _ = make_inputs(B, 4, Hkv, N, D, torch.float32, False)
+    group = torch.distributed.group.WORLD
+    comm.reset_counters()
+    sp_softmax_attention(shard_sequence(q, 2, group), shard_sequence(k, 2, group), shard_sequence(v, 2, group),
+                         group=group, algorithm="ring")
+    expected = (world - 1) * 2 * B * Hkv * (N // world) * D * 4
+    assert comm.BYTES_SENT["ring_fwd"] == expected, (comm.BYTES_SENT["ring_fwd"], expected)
+    return comm.BYTES_SENT["ring_fwd"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_forward_bytes_match_formula(world):
+    run_distributed(worker_ring_bytes, world)
+
+
+def worker_bad_input(rank, world):
+    group = torch.distributed.group.WORLD
+    q = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="N=10"):
+        shard_sequence(q, 2, group, "zigzag")
+    with pytest.raises(ValueError, match="unknown SP algorithm 'rng'"):
+        sp_softmax_attention(q, q, q, group=group, algorithm="rng")
+    with pytest.raises(ValueError, match="divisible"):
+        sp_softmax_attention(q[:, :, :5], q[:, :1, :5], q[:, :1, :5], group=group, algorithm="ulysses")
+
+
+def test_bad_input_is_a_clear_error():
+    run_distributed(worker_bad_input, 4)
+
+
+def worker_raises_on_one_rank(rank, world):
+    if rank == 1:
+        raise RuntimeError("rank 1 broke")
+    torch.distributed.barrier()
+
+
+def test_one_failing_rank_fails_fast():
+    with pytest.raises(AssertionError, match="rank 1 broke"):
+        run_distributed(worker_raises_on_one_rank, 2, timeout=30)
