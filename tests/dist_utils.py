@@ -27,7 +27,10 @@ def _worker(rank, world, port, fn, args, queue):
 
 
 def run_distributed(fn, world: int, *args, timeout: float = 300):
-    """fn(rank, world, *args) on `world` processes; returns the per-rank results, or raises the first error."""
+    """fn(rank, world, *args) on `world` processes; returns the per-rank results, or raises the first error.
+
+    Results cross a process boundary: return plain Python or numpy values, not torch tensors.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

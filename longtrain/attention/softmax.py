@@ -1,4 +1,4 @@
-"""Causal softmax attention (MHA/GQA) with RoPE, optionally a sliding window."""
+"""Causal softmax attention (MHA/GQA) with RoPE, and its sliding-window variant."""
 import math
 
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"d_model {d_model} must divide by n_heads {n_heads}, "
                              f"and n_heads by n_kv_heads {self.n_kv_heads}")
         self.head_dim = d_model // n_heads
-        self.window = opts.window
+        self.window = None
         self.rope_base = opts.rope_base
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(d_model, 2 * self.n_kv_heads * self.head_dim, bias=False)
@@ -63,4 +63,5 @@ class WindowAttention(SoftmaxAttention):
         super().__init__(d_model, n_heads, opts)
         if not opts.window:
             raise ValueError("mixer 'window' needs model.window (a positive number of tokens)")
+        self.window = opts.window
 

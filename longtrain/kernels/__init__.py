@@ -4,16 +4,13 @@ from types import ModuleType
 from longtrain.kernels import reference
 from longtrain.kernels.local import local_attention, local_linear_attention
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch",)
 
 
 def get_backend(name: str) -> ModuleType:
-    """The kernel module for `name`; each exposes attention_forward/attention_backward/linear_attention_chunked."""
+    """The kernel module for `name`: attention_forward/backward, linear_attention_chunked, linear_state_chunked."""
     if name == "torch":
         return reference
-    if name == "triton":
-        from longtrain.kernels import triton_backend
-        return triton_backend
     raise ValueError(f"unknown kernel backend {name!r}; known: {', '.join(BACKENDS)}")
 
 

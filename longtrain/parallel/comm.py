@@ -43,6 +43,8 @@ def group_rank(group) -> int:
 
 def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group, kind: str) -> list:
     """Post sends [(tensor, group_rank)] and receives [(buffer, group_rank)] together; returns the requests."""
+    if not all(t.is_contiguous() for t, _ in recvs):
+        raise ValueError(f"{kind}: receive buffers must be contiguous")
     ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in recvs]
     for t, _ in sends:

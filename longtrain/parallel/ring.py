@@ -39,7 +39,7 @@ class RingAttention(torch.autograd.Function):
         out = None
         lse = q.new_full((q.shape[0], q.shape[1], n_local), -torch.inf, dtype=torch.float64
                          if q.dtype == torch.float64 else torch.float32) if kind == "softmax" else None
-        block = [k, v] + ([] if seg is None else [seg])
+        block = [t.contiguous() for t in [k, v] + ([] if seg is None else [seg])]
         for step in range(P):
             src = (r - step) % P
             reqs, nxt = [], None
@@ -80,7 +80,7 @@ class RingAttention(torch.autograd.Function):
             if dlse is not None:
                 delta = delta - dlse.to(delta.dtype)
         dq = torch.zeros_like(out.new_empty(q.shape))
-        block = [k, v] + ([] if seg is None else [seg])
+        block = [t.contiguous() for t in [k, v] + ([] if seg is None else [seg])]
         grad_reqs, grad_in = [], None
         for step in range(P):
             src = (r - step) % P

@@ -1,0 +1,5 @@
+import sys
+
+from longtrain.launch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Structured configs (OmegaConf dataclasses): a YAML preset merged with CLI dotlist overrides."""
+import difflib
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from longtrain.attention import LINEAR_FAMILY, check_mixer
+from longtrain.kernels import BACKENDS
+from longtrain.parallel import LAYOUTS, LINEAR_SP, SOFTMAX_SP
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    pattern: str = "gla*3,softmax"  # repeated to n_layers unless `layers` is given
+    layers: list[str] | None = None
+    mlp_hidden: int | None = None  # default: 8/3 d_model rounded up to a multiple of 32
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+    n_kv_heads: int | None = None
+    window: int | None = None
+    feature_map: str | None = None
+    gate_rank: int = 16
+    chunk_size: int = 64
+    rope_base: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "mqar"  # mqar | passkey | bin | text
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per micro-batch per data-parallel rank
+    path: str | None = None  # .bin file (bin) or a file/directory (text)
+    bin_dtype: str = "uint16"
+    eos_id: int = 256  # document separator in token streams
+    tokenizer: str | None = None  # local tokenizer.json for text; byte-level when None
+    mqar_pairs: int = 8
+    mqar_vocab: int = 64
+    passkey_digits: int = 5
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    sp_size: int = 1
+    softmax_sp: str = "ring"
+    linear_sp: str = "lasp2"
+    layout: str = "contiguous"
+    zeco_blocks: int | None = None
+    ulysses_size: int = 1
+    pad: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    engine: str = "ddp"
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 0
+    keep_last: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "torch"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    resume: bool = True
+    progress: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "longtrain"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+class ConfigError(ValueError):
+    """A config problem, with the offending key named."""
+
+
+def closest_key(full_key: str) -> str:
+    """' (did you mean section.key?)' for an unknown dotted key, or ''."""
+    schema = OmegaConf.structured(Config)
+    parts = full_key.split(".")
+    node, prefix = schema, []
+    for part in parts[:-1]:
+        if part not in node:
+            break
+        node, prefix = node[part], prefix + [part]
+    candidates = list(node.keys()) if OmegaConf.is_dict(node) else []
+    match = difflib.get_close_matches(parts[len(prefix)], candidates, n=1)
+    return f" (did you mean {'.'.join(prefix + match)}?)" if match else f" (valid keys: {', '.join(candidates)})"
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema <- YAML preset <- `key=value` overrides; unknown keys and bad types raise ConfigError."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if path:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key {e.full_key!r}{closest_key(e.full_key)}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value for config key {getattr(e, 'full_key', '?')!r}: {e.msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def layer_mixers(model: ModelConfig) -> list[str]:
+    """Per-layer mixer names: `layers` if given, else `pattern` ("gla*3,softmax") repeated to n_layers."""
+    if model.layers:
+        names = list(model.layers)
+        if len(names) != model.n_layers:
+            raise ConfigError(f"model.layers has {len(names)} entries but model.n_layers={model.n_layers}")
+    else:
+        unit = []
+        for item in model.pattern.replace(" ", "").split(","):
+            name, _, count = item.partition("*")
+            unit += [name] * int(count or 1)
+        names = [unit[i % len(unit)] for i in range(model.n_layers)]
+    for name in names:
+        try:
+            check_mixer(name)
+        except ValueError as e:
+            raise ConfigError(f"model.layers/pattern: {e}") from None
+    return names
+
+
+def choice(value: str, known, key: str) -> None:
+    if value not in known:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(known)}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the schema cannot express."""
+    names = layer_mixers(cfg.model)
+    choice(cfg.parallel.softmax_sp, [a for a in SOFTMAX_SP if a != "none"], "parallel.softmax_sp")
+    choice(cfg.parallel.linear_sp, [a for a in LINEAR_SP if a != "none"], "parallel.linear_sp")
+    choice(cfg.parallel.layout, LAYOUTS, "parallel.layout")
+    choice(cfg.kernels.backend, BACKENDS, "kernels.backend")
+    choice(cfg.data.source, ["mqar", "passkey", "bin", "text"], "data.source")
+    choice(cfg.train.precision, ["auto", "bf16", "fp32"], "train.precision")
+    choice(cfg.train.engine, ["ddp"], "train.engine")
+    choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
+    if cfg.parallel.sp_size < 1:
+        raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
+    has_linear = any(n in LINEAR_FAMILY for n in names)
+    if has_linear and cfg.parallel.sp_size > 1 and cfg.parallel.layout != "contiguous":
+        raise ConfigError(f"parallel.layout={cfg.parallel.layout!r} with linear mixers: linear attention SP needs "
+                          f"contiguous slices; set parallel.layout=contiguous")
+    if "window" in names and not cfg.model.window:
+        raise ConfigError("mixer 'window' needs model.window > 0")
+    if cfg.data.source in ("bin", "text") and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")

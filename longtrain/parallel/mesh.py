@@ -1,0 +1,34 @@
+"""The (dp, sp) device mesh: sequence-parallel ranks are adjacent (same node first), data-parallel outside."""
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class Mesh:
+    """This rank's place in the dp x sp grid; groups are None when there is one process."""
+    dp_size: int
+    sp_size: int
+    dp_rank: int
+    sp_rank: int
+    device_mesh: DeviceMesh | None = None
+
+    @property
+    def sp_group(self):
+        return None if self.device_mesh is None else self.device_mesh.get_group("sp")
+
+    @property
+    def dp_group(self):
+        return None if self.device_mesh is None else self.device_mesh.get_group("dp")
+
+
+def build_mesh(sp_size: int, device_type: str) -> Mesh:
+    """Split the world into dp = world / sp_size groups of sp_size consecutive ranks."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % sp_size:
+        raise ValueError(f"world size {world} is not divisible by parallel.sp_size={sp_size}")
+    if world == 1:
+        return Mesh(1, 1, 0, 0)
+    mesh = init_device_mesh(device_type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return Mesh(world // sp_size, sp_size, mesh.get_local_rank("dp"), mesh.get_local_rank("sp"), mesh)

@@ -1,0 +1,90 @@
+"""LLaMA-style decoder whose per-layer token mixer comes from the registry."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from longtrain.attention import LINEAR_FAMILY, AttnContext, MixerOptions, build_mixer
+from longtrain.config import ModelConfig, layer_mixers
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, -1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, mixer: str, d_model: int, n_heads: int, hidden: int, opts: MixerOptions) -> None:
+        super().__init__()
+        self.mixer_name = mixer
+        self.attn_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.mixer = build_mixer(mixer, d_model, n_heads, opts)
+        self.mlp_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.mlp = SwiGLU(d_model, hidden)
+
+    def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
+        x = x + self.mixer(self.attn_norm(x), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    return cfg.mlp_hidden or 32 * -(-int(8 * cfg.d_model / 3) // 32)
+
+
+class LM(nn.Module):
+    """tokens [B, N_local] -> logits [B, N_local, vocab]; ctx carries positions, documents and SP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        opts = MixerOptions(n_kv_heads=cfg.n_kv_heads, window=cfg.window, feature_map=cfg.feature_map,
+                            gate_rank=cfg.gate_rank, chunk_size=cfg.chunk_size, rope_base=cfg.rope_base)
+        self.mixers = layer_mixers(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(m, cfg.d_model, cfg.n_heads, mlp_hidden(cfg), opts) for m in self.mixers)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self.init_weights)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor, ctx: AttnContext) -> Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx)
+        return self.head(self.norm(x))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * params plus each mixer family's sequence-length term (fwd + bwd)."""
+        flops = 6.0 * self.num_params(non_embedding=False)
+        d, cfg = self.cfg.d_model, self.cfg
+        head_dim = d // cfg.n_heads
+        for name in self.mixers:
+            if name in LINEAR_FAMILY:
+                # state update k^T v and readout q S (2 * 2 * d * head_dim), intra-chunk scores and values (2 * C * d)
+                flops += 3 * (4 * d * head_dim + 2 * cfg.chunk_size * d)
+            else:
+                context = min(seq_len, cfg.window) if name == "window" else seq_len
+                flops += 3 * (2 * 2 * d * context / 2)  # causal q k^T and p v: half of the N x N products
+        return flops

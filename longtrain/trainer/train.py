@@ -1,0 +1,242 @@
+"""The training loop: mesh, model, data, AdamW with warmup + cosine, SP-sharded loss, checkpoints, metrics."""
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from longtrain.attention import AttnContext
+from longtrain.config import Config
+from longtrain.parallel import SPContext, comm, local_positions, pad_sequence, shard_sequence
+from longtrain.parallel.mesh import build_mesh
+from longtrain.parallel.sharding import num_chunks
+from longtrain.trainer.checkpoint import complete_checkpoints, load_latest_checkpoint, save_checkpoint
+from longtrain.trainer.data import Batch, DataLoader
+from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_bytes
+from longtrain.trainer.model import LM
+
+
+def init_distributed(device_type: str) -> None:
+    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def run_name(cfg: Config) -> str:
+    """{model}-{sp}-{N}, e.g. gla*3,softmax-sp2-lasp2+ring-N256."""
+    sp = f"sp{cfg.parallel.sp_size}-{cfg.parallel.linear_sp}+{cfg.parallel.softmax_sp}"
+    model = ",".join(cfg.model.layers) if cfg.model.layers else cfg.model.pattern
+    return f"{model}-{sp}-N{cfg.data.seq_len}"
+
+
+class Trainer:
+    """One object per process; `fit()` runs until cfg.train.steps or a stop signal."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        want = cfg.train.device
+        self.device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if want == "auto" else want))
+        init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank0 = self.rank == 0
+        self.mesh = build_mesh(cfg.parallel.sp_size, self.device.type)
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        torch.manual_seed(cfg.train.seed)
+        self.model = LM(cfg.model).to(self.device)
+        self.optimizer = self.build_optimizer()
+        self.loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "train")
+        self.step = 0
+        self.signal_received = False  # set by a signal handler on this rank only
+        self.stop_requested = False  # agreed by every rank, so all of them save and stop together
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        if self.rank0:
+            OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        self.sp = None if self.mesh.sp_size == 1 else SPContext(
+            self.mesh.sp_group, cfg.parallel.softmax_sp, cfg.parallel.linear_sp, cfg.parallel.layout,
+            cfg.parallel.zeco_blocks, cfg.parallel.ulysses_size)
+        if cfg.run.resume:
+            self.resume()
+        self.metrics = MetricsLogger(cfg.run.dir, self.rank0, OmegaConf.to_container(cfg), cfg.wandb, run_name(cfg),
+                                     cfg.train.steps, cfg.run.progress)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; matrices decay, norms and biases do not; fused on GPU."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.train.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        t = self.cfg.train
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
+
+    def shard(self, batch: Batch) -> tuple[Batch, AttnContext]:
+        """This SP rank's tokens of the batch and the attention context that goes with them.
+
+        Synthetic sources hold one document per sequence, so their segment ids are not passed on.
+        """
+        N = batch.tokens.shape[1]
+        packed = self.cfg.data.source in ("bin", "text")
+        if self.sp is None:
+            return batch, AttnContext(torch.arange(N, device=self.device), N, batch.segment_ids if packed else None,
+                                      None, self.cfg.kernels.backend)
+        parts = num_chunks(self.mesh.sp_size, self.cfg.parallel.layout)
+        if N % parts and self.cfg.parallel.pad:
+            tokens, _ = pad_sequence(batch.tokens, parts)
+            targets, _ = pad_sequence(batch.targets, parts)
+            mask, _ = pad_sequence(batch.loss_mask, parts, pad_id=False)
+            segment_ids, _ = pad_sequence(batch.segment_ids, parts, pad_id=-1)  # padding is its own document
+            batch = Batch(tokens, targets, mask, segment_ids)
+        group, layout = self.mesh.sp_group, self.cfg.parallel.layout
+        local = Batch(*(shard_sequence(t, 1, group, layout) for t in (batch.tokens, batch.targets, batch.loss_mask,
+                                                                      batch.segment_ids)))
+        positions = local_positions(local.tokens.shape[1], group, layout, self.device)
+        return local, AttnContext(positions, N, local.segment_ids if packed else None, self.sp,
+                                  self.cfg.kernels.backend)
+
+    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of masked token losses, number of masked tokens, number predicted right) on local tokens."""
+        local, ctx = self.shard(batch.to(self.device))
+        with self.autocast:
+            logits = self.model(local.tokens, ctx)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), local.targets.flatten(), reduction="none")
+        mask = local.loss_mask.flatten()
+        correct = ((logits.argmax(-1).flatten() == local.targets.flatten()) & mask).sum()
+        return (losses * mask).sum(), mask.sum(), correct
+
+    def all_reduce_grads(self) -> None:
+        """Sum gradients over dp x sp: the loss is already normalised by the global token count."""
+        if not dist.is_initialized():
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        comm.BYTES_SENT["grad_allreduce"] += 2 * (self.world - 1) * comm.nbytes(flat) // self.world
+        dist.all_reduce(flat)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        bytes_before = comm.snapshot()
+        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        local_tokens = sum(int(self.shard(b)[0].loss_mask.sum()) for b in batches)
+        # One small all-reduce agrees on the global token count and on stopping (a signal may reach one rank).
+        agreed = all_reduce_sum(torch.tensor([local_tokens, float(self.signal_received)], device=self.device,
+                                             dtype=torch.float64))
+        total_tokens, self.stop_requested = max(agreed[0].item(), 1.0), agreed[1].item() > 0
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for batch in batches:
+            loss, _, _ = self.forward_loss(batch)
+            (loss / total_tokens).backward()
+            loss_sum += loss.detach().double()
+        self.all_reduce_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        lr = lr_at(self.step, self.cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = all_reduce_sum(loss_sum).item() / total_tokens
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = self.mesh.dp_size * sum(b.tokens.numel() for b in batches)
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "step_time_s": dt,
+               "peak_mem_gb": peak_memory_bytes(self.device) / 2 ** 30}
+        peak = peak_flops(self.device)
+        if peak:
+            flops = self.model.flops_per_token(self.cfg.data.seq_len) * tokens / dt
+            out["mfu"] = flops / (peak * self.world)
+        after = comm.snapshot()
+        out.update({k: after[k] - bytes_before.get(k, 0) for k in after})
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and answer accuracy (on the loss-mask positions) over cfg.train.eval_batches fresh batches."""
+        self.model.eval()
+        loader = DataLoader(self.cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "eval")
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        for _ in range(self.cfg.train.eval_batches):
+            loss, count, correct = self.forward_loss(loader.next_batch())
+            totals += torch.stack([loss.double(), count.double(), correct.double()])
+        loss, count, correct = all_reduce_sum(totals).tolist()
+        self.model.train()
+        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+    def checkpoint_extra(self) -> dict:
+        return {"step": self.step, "data_position": self.loader.position, "rng": torch.get_rng_state()}
+
+    def save(self) -> None:
+        save_checkpoint(self.cfg.run.dir, self.step, self.model, self.optimizer, self.checkpoint_extra(),
+                        self.cfg.train.keep_last, self.rank0)
+
+    def resume(self) -> None:
+        if not complete_checkpoints(self.cfg.run.dir):
+            return
+        extra = load_latest_checkpoint(self.cfg.run.dir, self.model, self.optimizer, self.checkpoint_extra())
+        self.step = int(extra["step"])
+        self.loader.load_state_dict({"position": extra["data_position"]})
+        torch.set_rng_state(extra["rng"])
+        if self.rank0:
+            print(f"resumed from step {self.step} in {self.cfg.run.dir}")
+
+    def request_stop(self, signum, frame) -> None:
+        self.signal_received = True
+
+    def fit(self) -> dict:
+        """Train to cfg.train.steps; SIGINT/SIGTERM/SIGUSR1 save a checkpoint and stop cleanly."""
+        t = self.cfg.train
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.request_stop)
+        last = {}
+        while self.step < t.steps:
+            last = self.train_step()
+            self.metrics.advance(self.step)
+            if self.stop_requested:
+                self.save()
+                if self.rank0:
+                    print(f"stop requested: saved step {self.step}")
+                break
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.metrics.log(self.step, last)
+            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                last.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                self.metrics.log(self.step, {k[5:]: v for k, v in last.items() if k.startswith("eval_")}, "eval")
+            if t.save_every and self.step % t.save_every == 0:
+                self.save()
+        self.metrics.close()
+        return last
+
+
+def train(cfg: Config) -> dict:
+    """Build a Trainer for cfg and run it; returns the last step's metrics."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,170 @@
+"""End-to-end training on CPU: learning, bitwise resume, metrics, wandb offline, packing, SP exactness, resharding."""
+import glob
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from longtrain.attention import AttnContext
+from longtrain.config import load_config
+from longtrain.trainer.model import LM
+from longtrain.trainer.train import Trainer, train
+
+pytestmark = pytest.mark.slow
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.pattern=gla,softmax", "model.vocab_size=32",
+         "model.chunk_size=8", "data.seq_len=32", "data.batch_size=4", "data.mqar_pairs=4", "data.mqar_vocab=32",
+         "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0", "run.progress=false",
+         "parallel.sp_size=1", "wandb.mode=disabled"]
+
+
+def small_config(tmp_path, *extra):
+    return load_config(TINY, SMALL + [f"run.dir={tmp_path}"] + list(extra))
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+def test_loss_decreases_and_metrics_have_the_named_fields(tmp_path):
+    train(small_config(tmp_path, "train.steps=20", "train.eval_every=10"))
+    curve = losses(tmp_path)
+    assert sum(curve[s] for s in range(16, 21)) < sum(curve[s] for s in range(1, 6))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_fields = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+                    "train/peak_mem_gb"}
+    assert train_fields <= set(records[0])
+    assert any("eval/accuracy" in r and "eval/loss" in r for r in records)
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(small_config(full, "train.steps=20"))
+    train(small_config(part, "train.steps=20", "train.save_every=10"))
+    assert sorted(os.listdir(part / "checkpoints")) == ["step_00000010", "step_00000020"]
+    shutil.rmtree(part / "checkpoints" / "step_00000020")  # as if killed after step 10's checkpoint
+    os.remove(part / "metrics.jsonl")
+    train(small_config(part, "train.steps=20"))
+    resumed, reference = losses(part), losses(full)
+    assert sorted(resumed) == list(range(11, 21))
+    assert [resumed[s] for s in range(11, 21)] == [reference[s] for s in range(11, 21)]
+
+
+def test_keep_last_k(tmp_path):
+    train(small_config(tmp_path, "train.steps=6", "train.save_every=2", "train.keep_last=2"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004", "step_00000006"]
+
+
+def test_signal_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    trainer = Trainer(small_config(tmp_path, "train.steps=50"))
+    real_step = trainer.train_step
+
+    def step_then_signal():
+        out = real_step()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    trainer.fit()
+    assert trainer.step == 4  # the flag is agreed on at the start of the next step, then it saves
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000004"]
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    os.makedirs(tmp_path / "checkpoints" / "step_00000005.tmp")
+    trainer = Trainer(small_config(tmp_path, "train.steps=1"))
+    assert trainer.step == 0
+
+
+def test_wandb_offline_writes_a_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(tmp_path / "run", "train.steps=2", "wandb.mode=offline")
+    train(cfg)
+    assert glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*"))
+    assert (tmp_path / "run" / "wandb_id.txt").exists()
+
+
+@pytest.mark.parametrize("pattern", ["gla,softmax", "mamba2,window", "retention,sigmoid", "lightning,gated_softmax",
+                                     "linear,softmax"])
+def test_packed_documents_do_not_see_each_other(pattern):
+    """A packed document's logits equal running it alone (RoPE is relative, so its offset does not matter)."""
+    cfg = load_config(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", f"model.pattern={pattern}",
+                             "model.window=5", "model.chunk_size=4"]).model
+    torch.manual_seed(0)
+    model = LM(cfg).double()
+    tokens = torch.randint(0, 256, (1, 30))
+    seg = torch.tensor([[0] * 11 + [1] * 19])
+    packed = model(tokens, AttnContext(torch.arange(30), 30, seg))
+    alone = model(tokens[:, 11:], AttnContext(torch.arange(19), 30))
+    torch.testing.assert_close(packed[:, 11:], alone, atol=1e-10, rtol=0)
+
+
+SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", "zeco", "allgather", "contiguous"),
+            ("mamba2,window", "lasp1", "ring", "contiguous"), ("retention,sigmoid", "ulysses", "ulysses", "contiguous"),
+            ("softmax,gated_softmax", "lasp2", "ring", "zigzag"), ("lightning,softmax", "zeco", "usp", "contiguous")]
+
+
+def worker_model_sp(rank, world, tmp):
+    for pattern, linear_sp, softmax_sp, layout in SP_CASES:
+        extra = ["data.source=text", f"data.path={tmp}/docs", f"model.pattern={pattern}", "model.n_layers=4",
+                 "model.window=7", f"parallel.linear_sp={linear_sp}", f"parallel.softmax_sp={softmax_sp}",
+                 f"parallel.layout={layout}", "parallel.ulysses_size=2", "model.n_heads=4", "data.batch_size=2",
+                 "model.vocab_size=257"]
+        sp_cfg = small_config(f"{tmp}/sp{rank}", *extra, f"parallel.sp_size={world}")
+        trainer = Trainer(sp_cfg)
+        batch = trainer.loader.next_batch()
+        assert batch.segment_ids.max() > 0  # documents really are packed into the sequence
+        loss, count, _ = trainer.forward_loss(batch)
+        total = count.double().clone()
+        torch.distributed.all_reduce(total)
+        (loss / total).backward()
+        trainer.all_reduce_grads()
+        summed = loss.detach().double().clone()
+        torch.distributed.all_reduce(summed)
+        torch.manual_seed(sp_cfg.train.seed)
+        ref_model = LM(sp_cfg.model)
+        logits = ref_model(batch.tokens, AttnContext(torch.arange(32), 32, batch.segment_ids))
+        ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+        ref_loss.backward()
+        name = f"{pattern}/{linear_sp}/{softmax_sp}/{layout}"
+        assert abs(summed.item() / total.item() - ref_loss.item()) < 1e-5, name
+        for (pname, p), ref in zip(trainer.model.named_parameters(), ref_model.parameters()):
+            err = (p.grad - ref.grad).abs().max().item()
+            assert err < 2e-5, f"{name}: grad of {pname} differs by {err}"
+
+
+def write_docs(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, length in enumerate([7, 23, 5, 41, 13, 60, 9]):
+        (docs / f"{i}.txt").write_text("".join(chr(97 + (i * 7 + j) % 26) for j in range(length)))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_under_sp_matches_single_device(world, tmp_path):
+    write_docs(tmp_path)
+    run_distributed(worker_model_sp, world, str(tmp_path))
+
+
+def worker_train_and_save(rank, world, run_dir):
+    cfg = small_config(run_dir, "train.steps=3", "train.save_every=3", "parallel.sp_size=2")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return {k: v.detach().numpy().copy() for k, v in trainer.model.state_dict().items()}  # by value, not shm
+
+
+def test_checkpoint_saved_at_sp2_resumes_at_sp1(tmp_path):
+    saved = run_distributed(worker_train_and_save, 2, str(tmp_path))[0]
+    trainer = Trainer(small_config(tmp_path, "train.steps=4"))
+    assert trainer.step == 3 and trainer.loader.position == 3 * 4
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, torch.from_numpy(saved[name])), name
+    trainer.fit()
+    assert trainer.step == 4
