@@ -68,7 +68,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    engine: str = "ddp"
+    engine: str = "fsdp"  # fsdp (FSDP2) | ddp | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (engine=deepspeed)
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
@@ -165,9 +166,9 @@ def layer_mixers(model: ModelConfig) -> list[str]:
     return names
 
 
-def choice(value: str, known, key: str) -> None:
+def choice(value, known, key: str) -> None:
     if value not in known:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(known)}")
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, known))}")
 
 
 def validate(cfg: Config) -> None:
@@ -179,7 +180,8 @@ def validate(cfg: Config) -> None:
     choice(cfg.kernels.backend, BACKENDS, "kernels.backend")
     choice(cfg.data.source, ["mqar", "passkey", "bin", "text"], "data.source")
     choice(cfg.train.precision, ["auto", "bf16", "fp32"], "train.precision")
-    choice(cfg.train.engine, ["ddp"], "train.engine")
+    choice(cfg.train.engine, ["fsdp", "ddp", "deepspeed"], "train.engine")
+    choice(cfg.train.zero_stage, [0, 1, 2, 3], "train.zero_stage")
     choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from longtrain.parallel.spawn import run_distributed
 from longtrain.attention import linear_attention
 from longtrain.parallel import comm, shard_sequence, sp_linear_attention
 

@@ -8,7 +8,9 @@ import signal
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from longtrain.parallel.spawn import run_distributed
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
 from longtrain.attention import AttnContext
 from longtrain.config import load_config
 from longtrain.trainer.model import LM
@@ -116,7 +118,7 @@ def worker_model_sp(rank, world, tmp):
         extra = ["data.source=text", f"data.path={tmp}/docs", f"model.pattern={pattern}", "model.n_layers=4",
                  "model.window=7", f"parallel.linear_sp={linear_sp}", f"parallel.softmax_sp={softmax_sp}",
                  f"parallel.layout={layout}", "parallel.ulysses_size=2", "model.n_heads=4", "data.batch_size=2",
-                 "model.vocab_size=257"]
+                 "model.vocab_size=257", "train.engine=ddp"]
         sp_cfg = small_config(f"{tmp}/sp{rank}", *extra, f"parallel.sp_size={world}")
         trainer = Trainer(sp_cfg)
         batch = trainer.loader.next_batch()
@@ -124,8 +126,7 @@ def worker_model_sp(rank, world, tmp):
         loss, count, _ = trainer.forward_loss(batch)
         total = count.double().clone()
         torch.distributed.all_reduce(total)
-        (loss / total).backward()
-        trainer.all_reduce_grads()
+        trainer.backward(loss, total.item(), last_micro=True)
         summed = loss.detach().double().clone()
         torch.distributed.all_reduce(summed)
         torch.manual_seed(sp_cfg.train.seed)
@@ -135,7 +136,7 @@ def worker_model_sp(rank, world, tmp):
         ref_loss.backward()
         name = f"{pattern}/{linear_sp}/{softmax_sp}/{layout}"
         assert abs(summed.item() / total.item() - ref_loss.item()) < 1e-5, name
-        for (pname, p), ref in zip(trainer.model.named_parameters(), ref_model.parameters()):
+        for (pname, p), ref in zip(trainer.lm.named_parameters(), ref_model.parameters()):
             err = (p.grad - ref.grad).abs().max().item()
             assert err < 2e-5, f"{name}: grad of {pname} differs by {err}"
 
@@ -157,14 +158,15 @@ def worker_train_and_save(rank, world, run_dir):
     cfg = small_config(run_dir, "train.steps=3", "train.save_every=3", "parallel.sp_size=2")
     trainer = Trainer(cfg)
     trainer.fit()
-    return {k: v.detach().numpy().copy() for k, v in trainer.model.state_dict().items()}  # by value, not shm
+    full = get_model_state_dict(trainer.lm, options=StateDictOptions(full_state_dict=True))  # FSDP2: gathered
+    return {k: v.detach().numpy().copy() for k, v in full.items()}  # by value, not shared memory
 
 
 def test_checkpoint_saved_at_sp2_resumes_at_sp1(tmp_path):
     saved = run_distributed(worker_train_and_save, 2, str(tmp_path))[0]
     trainer = Trainer(small_config(tmp_path, "train.steps=4"))
     assert trainer.step == 3 and trainer.loader.position == 3 * 4
-    for name, value in trainer.model.state_dict().items():
+    for name, value in trainer.lm.state_dict().items():
         assert torch.equal(value, torch.from_numpy(saved[name])), name
     trainer.fit()
     assert trainer.step == 4

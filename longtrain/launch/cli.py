@@ -1,11 +1,13 @@
-"""`longtrain train|launch|prepare`: the command line. Training itself lives in longtrain.trainer."""
+"""`longtrain train|launch|slurm|prepare`: the command line. Training itself lives in longtrain.trainer."""
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
 from longtrain.config import ConfigError, load_config
+from longtrain.launch.slurm import slurm_script, write_script
 from longtrain.launch.torchrun import torchrun_command
 
 
@@ -23,6 +25,20 @@ def cmd_launch(args) -> int:
         return 0
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
+
+
+def cmd_slurm(args) -> int:
+    load_config(args.config, args.overrides)
+    text = slurm_script(args.config, args.overrides, args.nodes, args.gpus_per_node, args.partition, args.time,
+                        args.account, os.path.abspath(args.output), args.max_restarts, python=args.python)
+    path = write_script(text, args.output)
+    if not args.submit:
+        print(path)
+        return 0
+    if shutil.which("sbatch") is None:
+        print(f"sbatch not found; the script is at {path}", file=sys.stderr)
+        return 1
+    return subprocess.call(["sbatch", path])
 
 
 def cmd_prepare(args) -> int:
@@ -48,6 +64,19 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("config")
     launch.add_argument("overrides", nargs="*")
     launch.set_defaults(fn=cmd_launch)
+    slurm = sub.add_parser("slurm", help="write (and with --submit, submit) a multi-node sbatch script")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True)
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--output", default="slurm", help="directory for the script and the job logs")
+    slurm.add_argument("--max-restarts", type=int, default=3)
+    slurm.add_argument("--python", default=sys.executable, help="python on the compute nodes")
+    slurm.add_argument("--submit", action="store_true")
+    slurm.add_argument("config")
+    slurm.add_argument("overrides", nargs="*")
+    slurm.set_defaults(fn=cmd_slurm)
     prep = sub.add_parser("prepare", help="tokenize text files into a .bin token stream")
     prep.add_argument("input")
     prep.add_argument("output")

@@ -30,17 +30,18 @@ def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer, extra: dict, keep_last: int,
-                    rank0: bool) -> str:
-    """Save model, optimizer and `extra` (step, data position, RNG) for `step`; returns the final path."""
+def begin(run_dir: str, step: int, rank0: bool) -> tuple[str, str]:
+    """(tmp, final) paths of the checkpoint for `step`, with any stale tmp removed."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
     tmp = final + ".tmp"
     if rank0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
-             "extra": extra}
-    dcp.save(state, checkpoint_id=tmp)
+    return tmp, final
+
+
+def commit(run_dir: str, tmp: str, final: str, keep_last: int, rank0: bool) -> str:
+    """Once every rank has written: rename tmp -> final (the completion marker), drop all but the last K."""
     barrier()
     if rank0:
         if os.path.exists(final):
@@ -50,6 +51,30 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer, extra:
             shutil.rmtree(old)
     barrier()
     return final
+
+
+def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer, extra: dict, keep_last: int,
+                    rank0: bool) -> str:
+    """Save model, optimizer and `extra` (step, data position, RNG) for `step`; returns the final path."""
+    tmp, final = begin(run_dir, step, rank0)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+             "extra": extra}
+    dcp.save(state, checkpoint_id=tmp)
+    return commit(run_dir, tmp, final, keep_last, rank0)
+
+
+def save_deepspeed_checkpoint(run_dir: str, step: int, engine, extra: dict, keep_last: int, rank0: bool) -> str:
+    """DeepSpeed's own (ZeRO-partitioned) checkpoint, with the same tmp -> final completion rule."""
+    tmp, final = begin(run_dir, step, rank0)
+    engine.save_checkpoint(tmp, tag="ds", client_state={"extra": extra})
+    return commit(run_dir, tmp, final, keep_last, rank0)
+
+
+def load_deepspeed_checkpoint(run_dir: str, engine) -> dict:
+    """Load the newest complete DeepSpeed checkpoint into the engine; returns its `extra`."""
+    _, path = complete_checkpoints(run_dir)[-1]
+    _, client_state = engine.load_checkpoint(path, tag="ds")
+    return client_state["extra"]
 
 
 def load_latest_checkpoint(run_dir: str, model: nn.Module, optimizer, extra_template: dict) -> dict | None:

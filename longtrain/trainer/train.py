@@ -10,17 +10,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from longtrain.attention import AttnContext
 from longtrain.config import Config
 from longtrain.parallel import SPContext, comm, local_positions, pad_sequence, shard_sequence
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
-from longtrain.trainer.checkpoint import complete_checkpoints, load_latest_checkpoint, save_checkpoint
+from longtrain.trainer.checkpoint import (complete_checkpoints, load_deepspeed_checkpoint, load_latest_checkpoint,
+                                         save_checkpoint, save_deepspeed_checkpoint)
 from longtrain.trainer.data import Batch, DataLoader
 from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_bytes
 from longtrain.trainer.model import LM
+from longtrain.trainer.parallelize import init_deepspeed, wrap_ddp, wrap_fsdp
 
 
 def init_distributed(device_type: str) -> None:
@@ -69,8 +70,19 @@ class Trainer:
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         torch.manual_seed(cfg.train.seed)
-        self.model = LM(cfg.model).to(self.device)
-        self.optimizer = self.build_optimizer()
+        self.lm = LM(cfg.model).to(self.device)  # the bare model: parameters, FLOPs, checkpoints
+        self.engine = cfg.train.engine
+        self.model, self.optimizer, self.ds = self.lm, None, None
+        if self.engine == "deepspeed":
+            self.ds = init_deepspeed(self.lm, self.param_groups(), cfg, bf16, self.device)
+            self.model = self.ds
+        else:
+            if self.world > 1:
+                self.model = wrap_fsdp(self.lm, self.device.type) if self.engine == "fsdp" else \
+                    wrap_ddp(self.lm, self.device)
+            t = cfg.train
+            self.optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=(t.beta1, t.beta2),
+                                               fused=self.device.type == "cuda")
         self.loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "train")
         self.step = 0
         self.signal_received = False  # set by a signal handler on this rank only
@@ -86,13 +98,11 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.run.dir, self.rank0, OmegaConf.to_container(cfg), cfg.wandb, run_name(cfg),
                                      cfg.train.steps, cfg.run.progress)
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; matrices decay, norms and biases do not; fused on GPU."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.train.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        t = self.cfg.train
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: matrices decay, norms and biases do not."""
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.train.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def shard(self, batch: Batch) -> tuple[Batch, AttnContext]:
         """This SP rank's tokens of the batch and the attention context that goes with them.
@@ -128,16 +138,36 @@ class Trainer:
         correct = ((logits.argmax(-1).flatten() == local.targets.flatten()) & mask).sum()
         return (losses * mask).sum(), mask.sum(), correct
 
-    def all_reduce_grads(self) -> None:
-        """Sum gradients over dp x sp: the loss is already normalised by the global token count."""
-        if not dist.is_initialized():
+    def backward(self, loss_sum: torch.Tensor, total_tokens: float, last_micro: bool) -> None:
+        """Backward of this micro-batch's share of the global mean loss.
+
+        Every engine averages gradients over all dp x sp ranks, so the loss is scaled by the world size:
+        the average then equals the exact gradient of the global token-mean loss.
+        """
+        loss = loss_sum * (self.world / total_tokens)
+        if self.ds is not None:
+            self.ds.backward(loss * self.cfg.train.grad_accum)  # DeepSpeed divides by its accumulation steps
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = _flatten_dense_tensors(grads)
-        comm.BYTES_SENT["grad_allreduce"] += 2 * (self.world - 1) * comm.nbytes(flat) // self.world
-        dist.all_reduce(flat)
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        if self.world > 1 and self.engine == "fsdp":
+            self.model.set_requires_gradient_sync(last_micro)
+        sync = nullcontext() if last_micro or self.world == 1 or self.engine != "ddp" else self.model.no_sync()
+        with sync:
+            loss.backward()
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clip, set the learning rate, step, zero the gradients; returns the pre-clip gradient norm."""
+        optimizer = self.ds.optimizer if self.ds is not None else self.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if self.ds is not None:
+            self.ds.step()
+            return float(self.ds.get_global_grad_norm() or 0.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), self.cfg.train.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -149,26 +179,23 @@ class Trainer:
                                              dtype=torch.float64))
         total_tokens, self.stop_requested = max(agreed[0].item(), 1.0), agreed[1].item() > 0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             loss, _, _ = self.forward_loss(batch)
-            (loss / total_tokens).backward()
+            self.backward(loss, total_tokens, last_micro=i == len(batches) - 1)
+            if self.ds is not None and i < len(batches) - 1:
+                self.ds.step()  # DeepSpeed counts micro-steps; it updates at the accumulation boundary
             loss_sum += loss.detach().double()
-        self.all_reduce_grads()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         lr = lr_at(self.step, self.cfg.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.optimizer_step(lr)
         loss = all_reduce_sum(loss_sum).item() / total_tokens
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = self.mesh.dp_size * sum(b.tokens.numel() for b in batches)
-        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "step_time_s": dt,
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_time_s": dt,
                "peak_mem_gb": peak_memory_bytes(self.device) / 2 ** 30}
         peak = peak_flops(self.device)
         if peak:
-            flops = self.model.flops_per_token(self.cfg.data.seq_len) * tokens / dt
+            flops = self.lm.flops_per_token(self.cfg.data.seq_len) * tokens / dt
             out["mfu"] = flops / (peak * self.world)
         after = comm.snapshot()
         out.update({k: after[k] - bytes_before.get(k, 0) for k in after})
@@ -191,13 +218,21 @@ class Trainer:
         return {"step": self.step, "data_position": self.loader.position, "rng": torch.get_rng_state()}
 
     def save(self) -> None:
-        save_checkpoint(self.cfg.run.dir, self.step, self.model, self.optimizer, self.checkpoint_extra(),
+        if self.ds is not None:
+            save_deepspeed_checkpoint(self.cfg.run.dir, self.step, self.ds, self.checkpoint_extra(),
+                                      self.cfg.train.keep_last, self.rank0)
+            return
+        save_checkpoint(self.cfg.run.dir, self.step, self.lm, self.optimizer, self.checkpoint_extra(),
                         self.cfg.train.keep_last, self.rank0)
 
     def resume(self) -> None:
+        """Continue from the newest complete checkpoint in run.dir, if there is one."""
         if not complete_checkpoints(self.cfg.run.dir):
             return
-        extra = load_latest_checkpoint(self.cfg.run.dir, self.model, self.optimizer, self.checkpoint_extra())
+        if self.ds is not None:
+            extra = load_deepspeed_checkpoint(self.cfg.run.dir, self.ds)
+        else:
+            extra = load_latest_checkpoint(self.cfg.run.dir, self.lm, self.optimizer, self.checkpoint_extra())
         self.step = int(extra["step"])
         self.loader.load_state_dict({"position": extra["data_position"]})
         torch.set_rng_state(extra["rng"])

@@ -1,9 +1,10 @@
-"""Run a function on P real gloo processes; any rank's exception fails fast and kills the others."""
+"""Run a function on P local gloo processes (tests, benchmarks, CPU experiments); one rank's error fails fast."""
 import os
 import socket
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -15,7 +16,9 @@ def free_port() -> int:
 
 
 def _worker(rank, world, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # no oversubscription of small machines
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
         queue.put((rank, "ok", fn(rank, world, *args)))
@@ -42,7 +45,7 @@ def run_distributed(fn, world: int, *args, timeout: float = 300):
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = value
     finally:
         for p in procs:

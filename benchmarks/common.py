@@ -1,0 +1,68 @@
+"""Shared benchmark plumbing: timing a forward+backward on every rank, tables, plots."""
+import resource
+import time
+
+import torch
+
+from longtrain.parallel import comm
+
+
+def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, float]:
+    """Median seconds of step() (forward + backward) after one warm-up, bytes sent per call, peak memory MB.
+
+    On CPU, peak memory is the process's max RSS so far: run sizes in ascending order.
+    """
+    step()
+    comm.reset_counters()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    sent = sum(comm.BYTES_SENT.values()) // repeats
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+    return sorted(times)[len(times) // 2], sent, peak
+
+
+def print_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of rows (dicts) in the given column order; printed and returned."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row[c]) for c in columns) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def plot(rows: list[dict], x: str, y: str, series: list[str], path: str, title: str) -> None:
+    """One line per distinct value of the `series` columns; log-log axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({tuple(r[s] for s in series) for r in rows})
+    for key in keys:
+        pts = sorted((r[x], r[y]) for r in rows if tuple(r[s] for s in series) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="/".join(map(str, key)))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")

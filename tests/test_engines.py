@@ -1,0 +1,67 @@
+"""dp x sp layouts under FSDP2, DDP and DeepSpeed ZeRO train exactly like one process on the same global batch."""
+import os
+
+import numpy as np
+import pytest
+
+from longtrain.config import load_config
+from longtrain.parallel.spawn import run_distributed
+from longtrain.trainer.train import Trainer
+
+pytestmark = pytest.mark.slow
+STEPS, MICRO = 3, 2
+BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.pattern=gla,softmax", "model.vocab_size=32",
+        "model.chunk_size=8", "data.seq_len=32", "data.mqar_pairs=4", "data.mqar_vocab=32", "train.warmup_steps=1",
+        f"train.steps={STEPS}", "train.eval_every=0", "train.log_every=1", "train.grad_accum=2",
+        "run.progress=false", "run.resume=false", "wandb.mode=disabled"]
+
+
+def run(run_dir, engine, sp, dp, zero_stage=2):
+    """Losses per step and the final full parameters of a short training run."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = load_config(None, BASE + [f"run.dir={run_dir}", f"train.engine={engine}", f"parallel.sp_size={sp}",
+                                    f"data.batch_size={MICRO * 2 // dp}", f"train.zero_stage={zero_stage}"])
+    trainer = Trainer(cfg)
+    losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    module = trainer.lm
+    if engine == "deepspeed" and zero_stage == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            params = {n: p.detach().clone().numpy() for n, p in module.named_parameters()}
+    else:  # FSDP2 parameters are DTensor shards: gather them
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().numpy()
+                  for n, p in module.named_parameters()}
+    return losses, params
+
+
+ENGINES = [("fsdp", 2), ("ddp", 2), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+
+
+def worker(rank, world, tmp):
+    results = {}
+    layouts = [(1, 2), (2, 1)] if world == 2 else [(2, 2)]
+    for engine, stage in ENGINES:
+        for sp, dp in layouts:
+            results[(engine, stage, sp, dp)] = run(f"{tmp}/{engine}{stage}-{sp}x{dp}-{world}", engine, sp, dp, stage)
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    return run_distributed(single_process_run, 1, str(tmp))[0]
+
+
+def single_process_run(rank, world, tmp):
+    return run(f"{tmp}/single", "ddp", 1, 1)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_engines_match_one_process(world, reference, tmp_path):
+    ref_losses, ref_params = reference
+    results = run_distributed(worker, world, str(tmp_path), timeout=600)[0]
+    for (engine, stage, sp, dp), (losses, params) in results.items():
+        name = f"{engine}(zero {stage}) dp={dp} sp={sp}"
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
+        for key, value in ref_params.items():
+            np.testing.assert_allclose(params[key], value, atol=2e-5, err_msg=f"{name}: {key}")
