@@ -1,0 +1,120 @@
+"""Kernel speed: Triton flash attention vs torch SDPA (flash backend), Triton linear attention vs fla's chunk_gla.
+
+GPU:  python benchmarks/kernels.py                 # bf16, causal, N 1k..64k, D 64 and 128; table + PNG
+CPU:  TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # interpreter at a tiny size, checks only
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import plot, print_table  # noqa: E402
+
+TOKENS = 16384  # batch * N held fixed, so every N does comparable work
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=50)
+
+
+def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
+    """Causal attention FLOPs: 2 matmuls of 2*N*N*D, halved by the mask; backward 2.5x forward."""
+    fwd = 2 * 2 * B * H * N * N * D / 2
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from longtrain.attention import softmax_attention
+    rows = []
+    for D in head_dims:
+        H = 2048 // D
+        for N in sizes:
+            B = max(1, TOKENS // N)
+            q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            dout = torch.randn_like(q)
+
+            def ours():
+                return softmax_attention(q, k, v, backend="triton")[0]
+
+            def sdpa():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            for name, fn in (("triton", ours), ("sdpa-flash", sdpa)):
+                out = fn()
+                t_fwd = bench_ms(fn)
+                t_bwd = bench_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+                t_all = bench_ms(lambda: torch.autograd.grad(fn(), (q, k, v), dout))
+                for mode, t in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_all)):
+                    rows.append({"kernel": name, "D": D, "N": N, "mode": mode, "ms": t,
+                                 "TFLOP/s": attention_flops(B, H, N, D, mode) / t / 1e9})
+            del q, k, v, dout
+            torch.cuda.empty_cache()
+    return rows
+
+
+def linear_rows(sizes: list[int], head_dim: int) -> list[dict]:
+    from longtrain.kernels.linear_attn import chunk_forward
+    try:
+        from fla.ops.gla import chunk_gla
+    except ImportError:
+        chunk_gla = None
+        print("flash-linear-attention not installed: linear kernel shown without the chunk_gla baseline")
+    rows = []
+    H = 2048 // head_dim
+    for N in sizes:
+        B = max(1, TOKENS // N)
+        q, k, v = (torch.randn(B, H, N, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, head_dim, device="cuda")) / 16
+        flops = 4 * B * H * N * head_dim * (head_dim + 64)  # state update + readout + intra-chunk, per token
+        t = bench_ms(lambda: chunk_forward(q, k, v, head_dim ** -0.5, g, None, None))
+        rows.append({"kernel": "triton-gla", "D": head_dim, "N": N, "mode": "fwd", "ms": t, "TFLOP/s": flops / t / 1e9})
+        if chunk_gla is not None:
+            qt, kt, vt, gt = (x.transpose(1, 2).contiguous() for x in (q, k, v, g))
+            t = bench_ms(lambda: chunk_gla(qt, kt, vt, gt))
+            rows.append({"kernel": "fla-chunk_gla", "D": head_dim, "N": N, "mode": "fwd", "ms": t,
+                         "TFLOP/s": flops / t / 1e9})
+    return rows
+
+
+def smoke() -> None:
+    """Interpreter run at a tiny size: the kernels agree with the reference (no timing meaning)."""
+    from longtrain.kernels import flash_attn, linear_attn, reference
+    q, k, v = (torch.randn(1, 2, 128, 32) for _ in range(3))
+    out, lse = flash_attn.attention_forward(q, k, v, scale=32 ** -0.5)
+    ref, ref_lse = reference.attention_forward(q, k, v, scale=32 ** -0.5)
+    g = -torch.rand(1, 2, 128, 32)
+    lin, _ = linear_attn.chunk_forward(q, k, v, 0.2, g, None, None)
+    lin_ref, _ = reference.linear_attention_chunked(q, k, v, scale=0.2, log_decay=g)
+    print(f"flash attention max err {(out - ref).abs().max():.2e}, lse {(lse - ref_lse).abs().max():.2e}; "
+          f"linear attention max err {(lin - lin_ref).abs().max():.2e} (interpreter, N=128, D=32)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--smoke", action="store_true", help="CPU interpreter check at a tiny size")
+    p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--out", default="benchmarks/kernels.png")
+    args = p.parse_args()
+    if args.smoke or not torch.cuda.is_available():
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("no GPU: run with TRITON_INTERPRET=1 --smoke for the CPU interpreter check")
+        smoke()
+        return
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = flash_rows(args.n, args.d) + linear_rows(args.n, 128)
+    print_table(rows, ["kernel", "D", "N", "mode", "ms", "TFLOP/s"])
+    plot([r for r in rows if r["mode"] in ("fwd+bwd",) or r["kernel"].endswith("gla")], "N", "TFLOP/s",
+         ["kernel", "D", "mode"], args.out, "attention kernels, bf16 causal")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Triton kernels against the torch reference: outputs, lse, final state and every gradient.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) at small shapes; on a GPU
+the same tests run compiled, plus bf16 at a larger shape.
+"""
+import pytest
+import torch
+
+from longtrain.attention import linear_attention, softmax_attention
+from longtrain.kernels import get_backend, reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+flash = get_backend("triton")
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+
+
+def segments(B, N, shift=0):
+    seg = torch.zeros(B, N + shift, dtype=torch.long)
+    seg[:, 29:] = 1
+    seg[-1, 70:] = 2
+    return seg.to(DEVICE)
+
+
+FLASH_CASES = [dict(), dict(causal=False), dict(window=17), dict(segments=True), dict(window=40, segments=True),
+               dict(kind="sigmoid", sigmoid_bias=-3.0), dict(q_start=32, k_start=0, segments=True)]
+
+
+@pytest.mark.parametrize("case", FLASH_CASES, ids=str)
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_flash_attention_matches_reference(case, head_dim):
+    case = dict(case)
+    B, Hq, Hkv, N = 2, 4, 2, 96
+    nk = N + case.get("q_start", 0)
+    q, k, v = rand(B, Hq, N, head_dim, seed=1), rand(B, Hkv, nk, head_dim, seed=2), rand(B, Hkv, nk, head_dim, seed=3)
+    if case.pop("segments", False):
+        seg = segments(B, N, nk - N)
+        case.update(q_seg=seg[:, nk - N:], k_seg=seg)
+    case.setdefault("causal", True)
+    out, lse = flash.attention_forward(q, k, v, scale=0.17, **case)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, scale=0.17, **case)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    if lse is not None:
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        torch.testing.assert_close(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=2e-5, rtol=1e-5)
+    dout = rand(*out.shape, seed=4)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, scale=0.17, **case)
+    ref_grads = reference.attention_backward(dout, q, k, v, ref_out, ref_lse, scale=0.17, **case)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def test_public_op_with_triton_backend_runs_autograd():
+    q, k, v = (rand(1, 2, 80, 32, seed=s).requires_grad_() for s in range(3))
+    outs = []
+    for backend in ("triton", "torch"):
+        out, lse = softmax_attention(q, k, v, window=30, backend=backend)
+        grads = torch.autograd.grad((out * out).sum() + lse.sum(), (q, k, v))
+        outs.append((out, lse, grads))
+    for got, want in zip(outs[0][2], outs[1][2]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar", "channel", "strong"])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_linear_kernel_matches_reference(decay, with_docs):
+    B, H, N, D = 2, 2, 45, 32
+    q, k, v = (rand(B, H, N, D, seed=s) for s in range(3))
+    g = {"none": None, "scalar": -rand(B, H, N, seed=5).abs(), "channel": -rand(B, H, N, D, seed=6).abs(),
+         "strong": torch.full((B, H, N, D), -20.0, device=DEVICE)}[decay]
+    s0 = rand(B, H, D, D, seed=7)
+    seg = segments(B, N) if with_docs else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)] + ([g.clone().requires_grad_()] if g is not None
+                                                                     else [])
+    results = []
+    for backend in ("triton", "torch"):
+        out, final = linear_attention(*leaves[:3], log_decay=leaves[4] if g is not None else None,
+                                      initial_state=leaves[3], output_final_state=True, segment_ids=seg,
+                                      backend=backend)
+        grads = torch.autograd.grad((out * rand(*out.shape, seed=8)).sum() + final.sum(), leaves)
+        results.append((out, final, grads))
+    (out, final, grads), (ref_out, ref_final, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(final, ref_final, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")
+def test_flash_attention_bf16_on_gpu():
+    q, k, v = (rand(2, 8, 2048, 128, seed=s, dtype=torch.bfloat16) for s in range(3))
+    out, lse = flash.attention_forward(q, k, v, scale=128 ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out.to(torch.bfloat16), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_trainer_selects_the_triton_backend(tmp_path):
+    from longtrain.config import load_config
+    from longtrain.trainer.train import train
+    cfg = load_config(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.pattern=gla,softmax",
+                             "model.vocab_size=32", "data.seq_len=32", "data.batch_size=2", "data.mqar_pairs=4",
+                             "data.mqar_vocab=32", "train.steps=2", "train.eval_every=0", "run.progress=false",
+                             "kernels.backend=triton", f"run.dir={tmp_path}", "wandb.mode=disabled"])
+    metrics = train(cfg)
+    assert metrics["loss"] > 0
+
+
+def worker_sp_on_triton(rank, world):
+    from longtrain.parallel import shard_sequence, sp_linear_attention, sp_softmax_attention
+    group = torch.distributed.group.WORLD
+    q, k, v = (rand(1, 2, 64, 32, seed=s).requires_grad_() for s in range(3))
+    g = (-rand(1, 2, 64, 32, seed=4).abs()).requires_grad_()
+    ref_out, _ = softmax_attention(q, k, v)
+    ref_lin, _ = linear_attention(q, k, v, log_decay=g)
+    local = [shard_sequence(t.detach(), 2, group, "zigzag").requires_grad_() for t in (q, k, v)]
+    out, _ = sp_softmax_attention(*local, group=group, algorithm="ring", layout="zigzag", backend="triton")
+    sm_grads = torch.autograd.grad(out.sum(), local)
+    torch.testing.assert_close(out, shard_sequence(ref_out.detach(), 2, group, "zigzag"), atol=2e-5, rtol=1e-5)
+    local = [shard_sequence(t.detach(), 2, group).requires_grad_() for t in (q, k, v, g)]
+    lin = sp_linear_attention(*local[:3], group=group, algorithm="zeco", log_decay=local[3], backend="triton")
+    lin_grads = torch.autograd.grad(lin.sum(), local)
+    torch.testing.assert_close(lin, shard_sequence(ref_lin.detach(), 2, group), atol=2e-5, rtol=1e-5)
+    lin_ref = [torch.autograd.grad(ref_lin.sum(), t, retain_graph=True)[0] for t in (q, k, v, g)]
+    for got, want in zip(lin_grads, lin_ref):
+        torch.testing.assert_close(got, shard_sequence(want, 2, group), atol=2e-5, rtol=1e-5)
+    sm_ref = [torch.autograd.grad(ref_out.sum(), t, retain_graph=True)[0] for t in (q, k, v)]
+    for got, want in zip(sm_grads, sm_ref):
+        torch.testing.assert_close(got, shard_sequence(want, 2, group, "zigzag"), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sp_algorithms_run_exactly_on_the_triton_backend():
+    from longtrain.parallel.spawn import run_distributed
+    run_distributed(worker_sp_on_triton, 2)
