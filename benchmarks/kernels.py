@@ -55,7 +55,6 @@ def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
                 for mode, t in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_all)):
                     rows.append({"kernel": name, "D": D, "N": N, "mode": mode, "ms": t,
                                  "TFLOP/s": attention_flops(B, H, N, D, mode) / t / 1e9})
-            del q, k, v, dout
             torch.cuda.empty_cache()
     return rows
 

@@ -15,7 +15,8 @@ def test_every_preset_loads():
 
 
 def test_overrides_apply():
-    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"), ["model.n_layers=8", "train.steps=3", "parallel.linear_sp=lasp1"])
+    overrides = ["model.n_layers=8", "train.steps=3", "parallel.linear_sp=lasp1"]
+    cfg = load_config(os.path.join(CONFIGS, "tiny.yaml"), overrides)
     assert cfg.model.n_layers == 8 and cfg.train.steps == 3 and cfg.parallel.linear_sp == "lasp1"
     assert layer_mixers(cfg.model) == ["gla", "gla", "gla", "softmax"] * 2
 

@@ -131,7 +131,8 @@ def test_linear_chunked_matches_recurrent(decay, chunk, with_docs):
     q, k, v, g = linear_inputs(decay)
     s0 = rand(2, 3, 6, 6, seed=9)
     seg = docs(2, 45) if with_docs else None
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)] + ([g.clone().requires_grad_()] if g is not None else [])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    leaves += [g.clone().requires_grad_()] if g is not None else []
     outs = []
     for fn in ("chunked", "recurrent"):
         lq, lk, lv, ls0 = leaves[:4]

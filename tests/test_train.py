@@ -113,32 +113,36 @@ SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", 
             ("softmax,gated_softmax", "lasp2", "ring", "zigzag"), ("lightning,softmax", "zeco", "usp", "contiguous")]
 
 
+def sp_step_matches_single_device(trainer, batch, n_tokens: int, name: str) -> None:
+    """One SP forward/backward through the trainer equals the unsharded model on the same batch."""
+    loss, count, _ = trainer.forward_loss(batch)
+    total = count.double().clone()
+    torch.distributed.all_reduce(total)
+    trainer.backward(loss, total.item(), last_micro=True)
+    summed = loss.detach().double().clone()
+    torch.distributed.all_reduce(summed)
+    torch.manual_seed(trainer.cfg.train.seed)
+    ref_model = LM(trainer.cfg.model)
+    logits = ref_model(batch.tokens, AttnContext(torch.arange(n_tokens), n_tokens, batch.segment_ids))
+    ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+    ref_loss.backward()
+    assert total.item() == batch.tokens.numel(), name  # padding never counts as a token
+    assert abs(summed.item() / total.item() - ref_loss.item()) < 1e-5, name
+    for (pname, p), ref in zip(trainer.lm.named_parameters(), ref_model.parameters()):
+        err = (p.grad - ref.grad).abs().max().item()
+        assert err < 2e-5, f"{name}: grad of {pname} differs by {err}"
+
+
 def worker_model_sp(rank, world, tmp):
     for pattern, linear_sp, softmax_sp, layout in SP_CASES:
         extra = ["data.source=text", f"data.path={tmp}/docs", f"model.pattern={pattern}", "model.n_layers=4",
                  "model.window=7", f"parallel.linear_sp={linear_sp}", f"parallel.softmax_sp={softmax_sp}",
                  f"parallel.layout={layout}", "parallel.ulysses_size=2", "model.n_heads=4", "data.batch_size=2",
                  "model.vocab_size=257", "train.engine=ddp"]
-        sp_cfg = small_config(f"{tmp}/sp{rank}", *extra, f"parallel.sp_size={world}")
-        trainer = Trainer(sp_cfg)
+        trainer = Trainer(small_config(f"{tmp}/sp{rank}", *extra, f"parallel.sp_size={world}"))
         batch = trainer.loader.next_batch()
         assert batch.segment_ids.max() > 0  # documents really are packed into the sequence
-        loss, count, _ = trainer.forward_loss(batch)
-        total = count.double().clone()
-        torch.distributed.all_reduce(total)
-        trainer.backward(loss, total.item(), last_micro=True)
-        summed = loss.detach().double().clone()
-        torch.distributed.all_reduce(summed)
-        torch.manual_seed(sp_cfg.train.seed)
-        ref_model = LM(sp_cfg.model)
-        logits = ref_model(batch.tokens, AttnContext(torch.arange(32), 32, batch.segment_ids))
-        ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-        ref_loss.backward()
-        name = f"{pattern}/{linear_sp}/{softmax_sp}/{layout}"
-        assert abs(summed.item() / total.item() - ref_loss.item()) < 1e-5, name
-        for (pname, p), ref in zip(trainer.lm.named_parameters(), ref_model.parameters()):
-            err = (p.grad - ref.grad).abs().max().item()
-            assert err < 2e-5, f"{name}: grad of {pname} differs by {err}"
+        sp_step_matches_single_device(trainer, batch, 32, f"{pattern}/{linear_sp}/{softmax_sp}/{layout}")
 
 
 def write_docs(tmp_path):
@@ -170,3 +174,21 @@ def test_checkpoint_saved_at_sp2_resumes_at_sp1(tmp_path):
         assert torch.equal(value, torch.from_numpy(saved[name])), name
     trainer.fit()
     assert trainer.step == 4
+
+
+def worker_padding(rank, world, tmp):
+    """N=30 over 4 ranks: padded runs equal the unpadded single-device loss and gradients; unpadded fails clearly."""
+    for pattern, layout in [("gla,softmax", "contiguous"), ("softmax,sigmoid", "zigzag")]:
+        extra = [f"model.pattern={pattern}", f"parallel.layout={layout}", "data.seq_len=30", "train.engine=ddp",
+                 "parallel.pad=true", f"parallel.sp_size={world}", "data.source=text", f"data.path={tmp}/docs",
+                 "model.vocab_size=257"]
+        trainer = Trainer(small_config(f"{tmp}/pad{rank}", *extra))
+        sp_step_matches_single_device(trainer, trainer.loader.next_batch(), 30, f"padded {pattern}/{layout}")
+    trainer = Trainer(small_config(f"{tmp}/nopad{rank}", "data.seq_len=30", f"parallel.sp_size={world}"))
+    with pytest.raises(ValueError, match="N=30 is not divisible by 4"):
+        trainer.forward_loss(trainer.loader.next_batch())
+
+
+def test_padding_for_lengths_not_divisible_by_the_sp_degree(tmp_path):
+    write_docs(tmp_path)
+    run_distributed(worker_padding, 4, str(tmp_path))

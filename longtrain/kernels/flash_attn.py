@@ -51,7 +51,7 @@ def _key_range(m_lo, m_hi, q_start, k_start, Nk, CAUSAL: tl.constexpr, WINDOW: t
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start, Nq, Nk, Hq, G, D,
+def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start, Nq, Nk, Hq, G, D,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr,
                 PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -92,7 +92,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_star
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc,
+    tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc,
              mask=(offs_m[:, None] < Nq) & d_ok[None, :])
 
 

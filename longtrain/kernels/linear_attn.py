@@ -19,7 +19,7 @@ CHUNK = 16
 
 
 @triton.jit
-def _chunk_fwd_kernel(Q, K, V, G, R, S0, O, SN, scale, N, H, DK, DV, sgn, sgk,
+def _chunk_fwd_kernel(Q, K, V, G, R, S0, OUT, SN, scale, N, H, DK, DV, sgn, sgk,
                       HAS_S0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     bh = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -63,7 +63,7 @@ def _chunk_fwd_kernel(Q, K, V, G, R, S0, O, SN, scale, N, H, DK, DV, sgn, sgk,
             gap = tl.where(visible[:, None], bcum - b_run[None, :], float("-inf"))
             score = tl.sum(q * k_s[None, :] * tl.exp(gap), 1)  # [CHUNK]
             out += score[:, None] * v_s[None, :]
-        tl.store(O + (qkv_base + rows[:, None]) * DV + offs_v[None, :], out, mask=row_ok[:, None] & v_ok[None, :])
+        tl.store(OUT + (qkv_base + rows[:, None]) * DV + offs_v[None, :], out, mask=row_ok[:, None] & v_ok[None, :])
         carry = tl.min(from_state, 0)  # 0 once a document starts inside the chunk
         k_decayed = k * tl.exp(b_last[None, :] - bcum) * to_state[:, None]
         state = state * (tl.exp(b_last) * carry)[:, None] + tl.dot(tl.trans(k_decayed), v, input_precision="ieee")

@@ -62,7 +62,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
         q_tile = qg[:, :, :, qa:qb].to(dt)  # [B, Hkv, G, nq, D]
         q_pos = torch.arange(q_start + qa, q_start + qb, device=q.device)
         m = q_tile.new_full(q_tile.shape[:-1], -math.inf)
-        l = q_tile.new_zeros(q_tile.shape[:-1])
+        row_sum = q_tile.new_zeros(q_tile.shape[:-1])
         acc = q_tile.new_zeros(*q_tile.shape[:-1], Dv)
         for ka in range(0, Nk, BLOCK):
             kb = min(ka + BLOCK, Nk)
@@ -85,14 +85,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - m_safe[..., None])
             alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(-1)
+            row_sum = row_sum * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + p @ v_tile
             m = m_new
         if kind == "sigmoid":
             out[:, :, :, qa:qb] = acc
             continue
-        out[:, :, :, qa:qb] = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], 0.0)
-        lse[:, :, :, qa:qb] = m + torch.log(l)
+        out[:, :, :, qa:qb] = torch.where(row_sum[..., None] > 0, acc / row_sum.clamp_min(1e-30)[..., None], 0.0)
+        lse[:, :, :, qa:qb] = m + torch.log(row_sum)
     out = out.view(B, Hq, Nq, Dv)
     return out, (None if lse is None else lse.view(B, Hq, Nq))
 

@@ -29,11 +29,11 @@ class AllGatherAttention(torch.autograd.Function):
         seg_full = None if seg is None else gather_sequence(seg, group, layout, 1, "allgather_fwd")
         outs, lses = [], []
         for off, start, n in local_chunks(q.shape[2], P, r, layout):
-            o, l = backend.attention_forward(q[:, :, off:off + n], k_full, v_full,
+            out_c, lse_c = backend.attention_forward(q[:, :, off:off + n], k_full, v_full,
                                              q_seg=None if seg is None else seg[:, off:off + n], k_seg=seg_full,
                                              q_start=start, k_start=0, **opts)
-            outs.append(o)
-            lses.append(l)
+            outs.append(out_c)
+            lses.append(lse_c)
         out = torch.cat(outs, 2)
         lse = None if lses[0] is None else torch.cat(lses, 2)
         ctx.save_for_backward(q, k_full, v_full, seg, seg_full, out, lse)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype, decay_shape, resets_from_segments
-from longtrain.parallel.comm import all_gather, group_rank, group_size
+from longtrain.parallel.comm import all_gather
 
 
 @dataclass

@@ -1,5 +1,4 @@
 """LLaMA-style decoder whose per-layer token mixer comes from the registry."""
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
