@@ -85,8 +85,8 @@ def test_linear_kernel_matches_reference(decay, with_docs):
     (out, final, grads), (ref_out, ref_final, ref_grads) = results
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(final, ref_final, atol=2e-5, rtol=1e-5)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(["q", "k", "v", "initial_state", "log_decay"], grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")
