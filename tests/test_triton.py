@@ -135,3 +135,35 @@ def worker_sp_on_triton(rank, world):
 def test_sp_algorithms_run_exactly_on_the_triton_backend():
     from longtrain.parallel.spawn import run_distributed
     run_distributed(worker_sp_on_triton, 2)
+
+
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_sp_correction_and_state_combine_kernels_match_reference(decay, with_docs):
+    B, H, N, DK, DV = 2, 3, 40, 16, 32
+    q, out, dout = rand(B, H, N, DK, seed=1), rand(B, H, N, DV, seed=2), rand(B, H, N, DV, seed=3)
+    b = -rand(B, H, N, DK if decay == "channel" else 1, seed=4).abs().cumsum(2)
+    from_state = (torch.arange(N, device=DEVICE) < 23).float()[None].repeat(B, 1) if with_docs else None
+    state, state_in = rand(B, H, DK, DV, seed=5), rand(B, H, DK, DV, seed=6)
+    got = flash.sp_correction(out, q, b, from_state, 0.3, state)
+    torch.testing.assert_close(got, reference.sp_correction(out, q, b, from_state, 0.3, state), atol=1e-5, rtol=1e-5)
+    for got, want in zip(flash.sp_correction_backward(dout, q, b, from_state, 0.3, state),
+                         reference.sp_correction_backward(dout, q, b, from_state, 0.3, state)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    decay_vec = rand(B, H, DK if decay == "channel" else 1, seed=7).abs()
+    torch.testing.assert_close(flash.state_combine(decay_vec, state_in, state),
+                               reference.state_combine(decay_vec, state_in, state), atol=1e-6, rtol=1e-6)
+
+
+def test_reference_correction_backward_matches_autograd():
+    """The hand-written correction backward of the reference equals torch autograd of its forward."""
+    q = rand(1, 2, 20, 8, seed=1).double().requires_grad_()
+    b = (-rand(1, 2, 20, 8, seed=2).abs().cumsum(2)).double().requires_grad_()
+    state = rand(1, 2, 8, 8, seed=3).double().requires_grad_()
+    from_state = (torch.arange(20, device=DEVICE) < 11).double()[None]
+    dout = rand(1, 2, 20, 8, seed=4).double()
+    out = reference.sp_correction(torch.zeros_like(dout), q, b, from_state, 0.5, state)
+    want = torch.autograd.grad(out, (q, b, state), dout)
+    got = reference.sp_correction_backward(dout, q.detach(), b.detach(), from_state, 0.5, state.detach())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)

@@ -285,3 +285,31 @@ def linear_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
         outs.append(scale * (q[:, :, t, None, :].to(dt) @ state)[:, :, 0])
     out = torch.stack(outs, 2).to(q.dtype)
     return out, (state if output_final_state else None)
+
+
+def state_combine(decay: Tensor, state_in: Tensor, state: Tensor) -> Tensor:
+    """The SP state combine diag(A) S_in + M: decay [B, H, Dk|1] scales the rows of [B, H, Dk, Dv]."""
+    return decay[..., None] * state_in + state
+
+
+def sp_correction(out: Tensor, q: Tensor, b: Tensor, from_state: Tensor | None, scale: float,
+                  state: Tensor) -> Tensor:
+    """out + (scale q exp(b) [no document start yet]) @ state; b [B, H, N, Dk|1] is the slice's cumulative decay."""
+    q_decayed = q.to(b.dtype) * scale * torch.exp(b)
+    if from_state is not None:
+        q_decayed = q_decayed * from_state[:, None, :, None]
+    return out + q_decayed @ state
+
+
+def sp_correction_backward(dout: Tensor, q: Tensor, b: Tensor, from_state: Tensor | None, scale: float,
+                           state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sp_correction: (dq, db [like b], dstate)."""
+    weight = scale * torch.exp(b)
+    if from_state is not None:
+        weight = weight * from_state[:, None, :, None]
+    q_decayed = q.to(b.dtype) * weight
+    dout = dout.to(b.dtype)
+    dq_decayed = dout @ state.transpose(-1, -2)
+    db = q_decayed * dq_decayed
+    return dq_decayed * weight, (db.sum(-1, keepdim=True) if b.shape[-1] == 1 else db), \
+        q_decayed.transpose(-1, -2) @ dout

@@ -7,8 +7,8 @@ receives W_{r+1} from rank r+1 and sends W_r to rank r-1. One state per rank per
 import torch
 
 from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.linear_state import (combine, document_gates, finish_forward, gate_of, local_backward,
-                                             local_pass, state_grad_local, zero_state)
+from longtrain.parallel.linear_state import (combine, correction_backward, document_gates, finish_forward, gate_of,
+                                             local_backward, local_pass, zero_state)
 
 
 class Lasp1(torch.autograd.Function):
@@ -25,8 +25,9 @@ class Lasp1(torch.autograd.Function):
         state_in = state_in * gate_of(gates, r, state_in)
         send = []
         if r < P - 1:
-            send = p2p([(combine(lp.decay.detach(), state_in, lp.state.detach()), r + 1)], [], group, "lasp1_fwd")
-        out = finish_forward(ctx, lp, state_in, q, [])
+            send = p2p([(combine(backend, lp.decay.detach(), state_in, lp.state.detach()), r + 1)], [], group,
+                       "lasp1_fwd")
+        out = finish_forward(ctx, lp, state_in, q)
         wait(send)
         ctx.group, ctx.gates = group, gates
         return out
@@ -37,11 +38,11 @@ class Lasp1(torch.autograd.Function):
         P, r = group_size(group), group_rank(group)
         w_next = torch.zeros_like(state_in) if r < P - 1 else None
         recv = p2p([], [(w_next, r + 1)], group, "lasp1_bwd") if w_next is not None else []
-        grad_state = state_grad_local(lp, dout)
+        correction, grad_state = correction_backward(lp, dout, state_in)
         wait(recv)
         if w_next is not None:
-            grad_state = grad_state + lp.decay.detach()[..., None] * w_next
+            grad_state = combine(lp.backend, lp.decay.detach(), w_next, grad_state)
         send = p2p([(gate_of(gates, r, grad_state) * grad_state, r - 1)], [], group, "lasp1_bwd") if r > 0 else []
-        grads = local_backward(lp, dout, state_in, w_next)
+        grads = local_backward(lp, dout, state_in, w_next, correction)
         wait(send)
         return (*grads, None, None, None, None, None)

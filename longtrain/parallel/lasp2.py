@@ -7,8 +7,8 @@ one all-gather of the state gradients dS_r. The bytes do not depend on N.
 import torch
 
 from longtrain.parallel.comm import all_gather, group_rank, group_size
-from longtrain.parallel.linear_state import (combine, document_gates, finish_forward, gate_of,
-                                             local_backward, local_pass, state_grad_local, zero_state)
+from longtrain.parallel.linear_state import (combine, correction_backward, document_gates, finish_forward, gate_of,
+                                             local_backward, local_pass, zero_state)
 
 
 class Lasp2(torch.autograd.Function):
@@ -33,17 +33,18 @@ class Lasp2(torch.autograd.Function):
         decays = pending["flat"][:, n_state:].view(P, *decay_shape)
         state_in = zero_state(q, v)
         for j in range(r):
-            state_in = gate_of(gates, j + 1, state_in) * combine(decays[j], state_in, states[j])
+            state_in = gate_of(gates, j + 1, state_in) * combine(backend, decays[j], state_in, states[j])
         ctx.group, ctx.gates, ctx.decays = group, gates, decays
-        return finish_forward(ctx, lp, state_in, q, [])
+        return finish_forward(ctx, lp, state_in, q)
 
     @staticmethod
     def backward(ctx, dout):
         group, gates, decays, lp, state_in = ctx.group, ctx.gates, ctx.decays, ctx.lp, ctx.state_in
         P, r = group_size(group), group_rank(group)
-        grad_states, _ = all_gather(state_grad_local(lp, dout), group, "lasp2_bwd")
+        correction, grad_state = correction_backward(lp, dout, state_in)
+        grad_states, _ = all_gather(grad_state, group, "lasp2_bwd")
         w_next = None
         for j in range(P - 1, r, -1):
-            grad_j = grad_states[j] if w_next is None else grad_states[j] + decays[j][..., None] * w_next
+            grad_j = grad_states[j] if w_next is None else combine(lp.backend, decays[j], w_next, grad_states[j])
             w_next = gate_of(gates, j, grad_j) * grad_j
-        return (*local_backward(lp, dout, state_in, w_next), None, None, None, None, None)
+        return (*local_backward(lp, dout, state_in, w_next, correction), None, None, None, None, None)

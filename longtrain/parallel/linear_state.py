@@ -20,22 +20,24 @@ from longtrain.parallel.comm import all_gather
 class LocalPass:
     """Leaves (detached inputs) and the graph roots of one rank's local computation."""
     inputs: list
-    out: Tensor        # [B, H, N/P, Dv] local outputs with zero incoming state
-    state: Tensor      # M_r [B, H, Dk, Dv]
-    decay: Tensor      # A_r [B, H, Dk or 1]
-    q_decayed: Tensor  # scale * q * exp(cumsum g) * no-reset mask, [B, H, N/P, Dk]
+    out: Tensor                # [B, H, N/P, Dv] local outputs with zero incoming state
+    state: Tensor              # M_r [B, H, Dk, Dv]
+    decay: Tensor              # A_r [B, H, Dk or 1]
+    b: Tensor                  # cumulative log decay over the slice [B, H, N/P, Dk or 1]
+    from_state: Tensor | None  # [B, N/P] 1 until the slice's first document start, None without documents
+    scale: float
+    backend: object
 
 
-def slice_decay(q: Tensor, log_decay: Tensor | None, segment_ids: Tensor | None, scale: float):
-    """(A_r, q_decayed) of this slice from the cumulative log decay and the document resets."""
+def slice_decay(q: Tensor, log_decay: Tensor | None, segment_ids: Tensor | None):
+    """(A_r, cumulative decay b, no-document-start-yet mask) of this slice."""
     b = decay_shape(log_decay, q).cumsum(2)  # [B, H, N, Dk|1]
     reset = resets_from_segments(segment_ids, q.shape[2], q.device)
-    from_state = 1.0 if reset is None else (reset.long().cumsum(1) == 0).to(b.dtype)[:, None, :, None]
-    q_decayed = q.to(b.dtype) * scale * torch.exp(b) * from_state
     decay = torch.exp(b[:, :, -1])
-    if reset is not None:
-        decay = decay * from_state[:, :, -1]
-    return decay, q_decayed
+    if reset is None:
+        return decay, b, None
+    from_state = (reset.long().cumsum(1) == 0).to(b.dtype)
+    return decay * from_state[:, -1, None, None], b, from_state
 
 
 def local_pass(q, k, v, log_decay, segment_ids, scale: float, chunk_size: int, backend, state_first=None) -> LocalPass:
@@ -47,19 +49,19 @@ def local_pass(q, k, v, log_decay, segment_ids, scale: float, chunk_size: int, b
     inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (q, k, v, log_decay)]
     q, k, v, log_decay = inputs
     with torch.enable_grad():
-        decay, q_decayed = slice_decay(q, log_decay, segment_ids, scale)
+        decay, b, from_state = slice_decay(q, log_decay, segment_ids)
         state = backend.linear_state_chunked(k, v, log_decay=log_decay, segment_ids=segment_ids,
                                              chunk_size=chunk_size)
         if state_first is not None:
             state_first(state.detach(), decay.detach())
         out, _ = backend.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay,
                                                   segment_ids=segment_ids, chunk_size=chunk_size)
-    return LocalPass(inputs, out, state, decay, q_decayed)
+    return LocalPass(inputs, out, state, decay, b, from_state, scale, backend)
 
 
-def combine(decay: Tensor, state_in: Tensor, state: Tensor) -> Tensor:
+def combine(backend, decay: Tensor, state_in: Tensor, state: Tensor) -> Tensor:
     """The state combine A * S_in + M, A [B, H, Dk|1] scaling the rows of S [B, H, Dk, Dv]."""
-    return decay[..., None] * state_in + state
+    return backend.state_combine(decay, state_in, state).to(state.dtype)
 
 
 def decay_grad(decay: Tensor, state_in: Tensor, w_next: Tensor) -> Tensor:
@@ -85,17 +87,25 @@ def gate_of(gates: Tensor | None, p: int, like: Tensor) -> Tensor | float:
     return gates[p].to(like.dtype)[:, None, None, None]
 
 
-def finish_forward(ctx, lp: LocalPass, state_in: Tensor, q: Tensor, saved: list) -> Tensor:
-    """out = out_local + q_decayed @ S_in; keeps the local graph on ctx for the backward."""
+def finish_forward(ctx, lp: LocalPass, state_in: Tensor, q: Tensor) -> Tensor:
+    """out = out_local + (scale q exp(b) mask) @ S_in (one fused step); keeps the local graph on ctx."""
     ctx.lp, ctx.state_in = lp, state_in
-    ctx.saved_extra = saved
-    return (lp.out.detach().to(state_in.dtype) + lp.q_decayed.detach() @ state_in).to(q.dtype)
+    out = lp.backend.sp_correction(lp.out.detach().to(state_in.dtype), lp.inputs[0].detach(), lp.b.detach(),
+                                   lp.from_state, lp.scale, state_in)
+    return out.to(q.dtype)
 
 
-def local_backward(lp: LocalPass, dout: Tensor, state_in: Tensor, w_next: Tensor | None):
-    """Gradients of q, k, v, log_decay given dout and the state gradient W_{r+1} from the next rank."""
-    dt = state_in.dtype
-    roots, grads = [lp.out, lp.q_decayed], [dout.to(lp.out.dtype), dout.to(dt) @ state_in.transpose(-1, -2)]
+def correction_backward(lp: LocalPass, dout: Tensor, state_in: Tensor) -> tuple[tuple, Tensor]:
+    """((dq, db) of the correction term, dL/dS_in of this rank's own outputs [B, H, Dk, Dv])."""
+    dq, db, grad_state = lp.backend.sp_correction_backward(dout, lp.inputs[0].detach(), lp.b.detach(),
+                                                           lp.from_state, lp.scale, state_in)
+    return (dq, db.to(lp.b.dtype)), grad_state.to(state_in.dtype)
+
+
+def local_backward(lp: LocalPass, dout: Tensor, state_in: Tensor, w_next: Tensor | None, correction: tuple):
+    """Gradients of q, k, v, log_decay given dout, the correction's (dq, db) and W_{r+1} from the next rank."""
+    dq_correction, db_correction = correction
+    roots, grads = [lp.out, lp.b], [dout.to(lp.out.dtype), db_correction]
     if w_next is not None:
         roots += [lp.state, lp.decay]
         grads += [w_next, decay_grad(lp.decay, state_in, w_next)]
@@ -103,14 +113,11 @@ def local_backward(lp: LocalPass, dout: Tensor, state_in: Tensor, w_next: Tensor
     roots, grads = [roots[i] for i in keep], [grads[i] for i in keep]
     leaves = [t for t in lp.inputs if t is not None and t.requires_grad]
     found = iter(torch.autograd.grad(roots, leaves, grads, allow_unused=True))
-    return tuple(next(found) if t is not None and t.requires_grad else None for t in lp.inputs)
-
-
-def state_grad_local(lp: LocalPass, dout: Tensor) -> Tensor:
-    """dL/dS_in from this rank's own correction term: q_decayed^T @ dout, [B, H, Dk, Dv]."""
-    return lp.q_decayed.detach().transpose(-1, -2) @ dout.to(lp.q_decayed.dtype)
+    result = [next(found) if t is not None and t.requires_grad else None for t in lp.inputs]
+    if result[0] is not None:
+        result[0] = result[0] + dq_correction.to(result[0].dtype)
+    return tuple(result)
 
 
 def zero_state(q: Tensor, v: Tensor) -> Tensor:
     return q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=acc_dtype(q))
-

@@ -9,8 +9,8 @@ intra-slice output pass computes. Backward runs the same pipeline in reverse on 
 import torch
 
 from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.linear_state import (combine, document_gates, finish_forward, gate_of, local_backward,
-                                             local_pass, state_grad_local, zero_state)
+from longtrain.parallel.linear_state import (combine, correction_backward, document_gates, finish_forward, gate_of,
+                                             local_backward, local_pass, zero_state)
 
 DEFAULT_BLOCKS = 4
 
@@ -42,11 +42,11 @@ class ZeCO(torch.autograd.Function):
                 part.mul_(gate_of(gates, r, part))
                 if r < P - 1:
                     state_b = state.tensor_split(len(parts_in), -1)[b]
-                    sends.extend(p2p([(combine(decay, part, state_b), r + 1)], [], group, "zeco_fwd"))
+                    sends.extend(p2p([(combine(backend, decay, part, state_b), r + 1)], [], group, "zeco_fwd"))
 
         lp = local_pass(q, k, v, log_decay, seg, scale, chunk_size, backend, state_first=all_scan)
         state_in = torch.cat(parts_in, -1)
-        out = finish_forward(ctx, lp, state_in, q, [])
+        out = finish_forward(ctx, lp, state_in, q)
         wait(sends)
         ctx.group, ctx.gates, ctx.blocks = group, gates, len(parts_in)
         return out
@@ -55,17 +55,18 @@ class ZeCO(torch.autograd.Function):
     def backward(ctx, dout):
         group, gates, lp, state_in = ctx.group, ctx.gates, ctx.lp, ctx.state_in
         P, r = group_size(group), group_rank(group)
-        grad_parts = state_grad_local(lp, dout).tensor_split(ctx.blocks, -1)
+        correction, grad_state = correction_backward(lp, dout, state_in)
+        grad_parts = grad_state.tensor_split(ctx.blocks, -1)
         w_parts = [torch.zeros_like(g).contiguous() for g in grad_parts] if r < P - 1 else []
         recv = p2p([], [(w, r + 1) for w in w_parts], group, "zeco_bwd") if w_parts else []
-        decay, sends = lp.decay.detach()[..., None], []
+        decay, sends = lp.decay.detach(), []
         for b, grad_b in enumerate(grad_parts):
             if recv:
                 recv[b].wait()
-                grad_b = grad_b + decay * w_parts[b]
+                grad_b = combine(lp.backend, decay, w_parts[b], grad_b.contiguous())
             if r > 0:
                 sends.extend(p2p([(gate_of(gates, r, grad_b) * grad_b, r - 1)], [], group, "zeco_bwd"))
         w_next = torch.cat(w_parts, -1) if w_parts else None
-        grads = local_backward(lp, dout, state_in, w_next)
+        grads = local_backward(lp, dout, state_in, w_next, correction)
         wait(sends)
         return (*grads, None, None, None, None, None, None)
