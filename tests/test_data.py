@@ -72,3 +72,24 @@ def test_too_short_stream_is_a_clear_error(tmp_path):
     np.arange(5, dtype=np.uint16).tofile(path)
     with pytest.raises(ValueError, match="fewer than data.seq_len"):
         DataLoader(DataConfig(source="bin", path=str(path), seq_len=16))
+
+
+def test_local_tokenizer_json_is_used_for_text(tmp_path):
+    """A tokenizers tokenizer.json from a local path: word-level ids, documents still end with eos_id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "second": 3, "document": 4, "[EOS]": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("hello world hello")
+    (docs / "b.txt").write_text("second document unknown")
+    cfg = DataConfig(source="text", path=str(docs), tokenizer=str(tmp_path / "tokenizer.json"), eos_id=5,
+                     seq_len=7, batch_size=1)
+    batch = DataLoader(cfg).next_batch()
+    assert batch.tokens[0].tolist() == [1, 2, 1, 5, 3, 4, 0]
+    assert batch.segment_ids[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    out = tmp_path / "data.bin"
+    assert cli(["prepare", str(docs), str(out), "--tokenizer", str(tmp_path / "tokenizer.json"), "--eos-id", "5"]) == 0
+    assert np.fromfile(out, dtype=np.uint16).tolist() == [1, 2, 1, 5, 3, 4, 0, 5]

@@ -132,3 +132,26 @@ def worker_raises_on_one_rank(rank, world):
 def test_one_failing_rank_fails_fast():
     with pytest.raises(RuntimeError, match="rank 1 broke"):
         run_distributed(worker_raises_on_one_rank, 2, timeout=30)
+
+
+def worker_allgather_ulysses_bytes(rank, world):
+    B, H, N, D = 2, 4, 64, 8
+    q, k, v, dout, _ = make_inputs(B, H, H, N, D, torch.float32, False)
+    group = torch.distributed.group.WORLD
+    shard_bytes = B * H * (N // world) * D * 4
+    lse_bytes = B * H * (N // world) * 4
+    # all-gather: K and V shards to P-1 ranks, reduce-scatter of dK, dV back. Ulysses: (P-1)/P of q, k, v, out
+    # and lse forward; of dout, dq, dk, dv backward.
+    for algorithm, expected_fwd, expected_bwd in [
+            ("allgather", 2 * (world - 1) * shard_bytes, 2 * (world - 1) * shard_bytes),
+            ("ulysses", (world - 1) * (4 * shard_bytes + lse_bytes) // world, 4 * (world - 1) * shard_bytes // world)]:
+        comm.reset_counters()
+        local = [shard_sequence(t, 2, group).requires_grad_() for t in (q, k, v)]
+        out, _ = sp_softmax_attention(*local, group=group, algorithm=algorithm)
+        out.backward(shard_sequence(dout, 2, group))
+        assert comm.BYTES_SENT[f"{algorithm}_fwd"] == expected_fwd, (algorithm, comm.BYTES_SENT)
+        assert comm.BYTES_SENT[f"{algorithm}_bwd"] == expected_bwd, (algorithm, comm.BYTES_SENT)
+
+
+def test_allgather_and_ulysses_bytes_match_formulas():
+    run_distributed(worker_allgather_ulysses_bytes, 4)
