@@ -20,7 +20,8 @@ CHUNK = 16
 
 @triton.jit
 def _chunk_fwd_kernel(Q, K, V, G, R, S0, OUT, SN, HS, scale, N, H, DK, DV, sgn, sgk,
-                      HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+                      HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     bh = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = bh // H

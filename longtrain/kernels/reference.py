@@ -41,6 +41,20 @@ def tile_mask(q_pos: Tensor, k_pos: Tensor, causal: bool, window: int | None,
     return mask
 
 
+def key_tiles(q_tile: Tensor, k: Tensor, v: Tensor, qa: int, qb: int, scale: float, causal: bool,
+              window: int | None, q_seg: Tensor | None, k_seg: Tensor | None, q_start: int, k_start: int):
+    """(ka, kb, v_tile, scaled scores [B, Hkv, G, nq, nk], mask) of every key tile query rows [qa, qb) can see."""
+    q_pos = torch.arange(q_start + qa, q_start + qb, device=q_tile.device)
+    for ka in range(0, k.shape[2], BLOCK):
+        kb = min(ka + BLOCK, k.shape[2])
+        if tile_is_masked(q_start + qa, q_start + qb, k_start + ka, k_start + kb, causal, window):
+            continue
+        scores = q_tile @ k[:, :, None, ka:kb].to(q_tile.dtype).transpose(-1, -2) * scale
+        mask = tile_mask(q_pos, torch.arange(k_start + ka, k_start + kb, device=q_tile.device), causal, window,
+                         None if q_seg is None else q_seg[:, qa:qb], None if k_seg is None else k_seg[:, ka:kb])
+        yield ka, kb, v[:, :, None, ka:kb].to(q_tile.dtype), scores, mask
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = True,
                       window: int | None = None, q_seg: Tensor | None = None, k_seg: Tensor | None = None,
                       q_start: int = 0, k_start: int = 0, kind: str = "softmax",
@@ -51,7 +65,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     kind="sigmoid": out = sum_j sigmoid(s_ij + sigmoid_bias) v_j over allowed j; no lse.
     """
     B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
     dt = acc_dtype(q)
     out = q.new_zeros(B, Hkv, G, Nq, Dv, dtype=dt)
@@ -60,19 +74,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     for qa in range(0, Nq, BLOCK):
         qb = min(qa + BLOCK, Nq)
         q_tile = qg[:, :, :, qa:qb].to(dt)  # [B, Hkv, G, nq, D]
-        q_pos = torch.arange(q_start + qa, q_start + qb, device=q.device)
         m = q_tile.new_full(q_tile.shape[:-1], -math.inf)
         row_sum = q_tile.new_zeros(q_tile.shape[:-1])
         acc = q_tile.new_zeros(*q_tile.shape[:-1], Dv)
-        for ka in range(0, Nk, BLOCK):
-            kb = min(ka + BLOCK, Nk)
-            if tile_is_masked(q_start + qa, q_start + qb, k_start + ka, k_start + kb, causal, window):
-                continue
-            k_tile = k[:, :, None, ka:kb].to(dt)
-            v_tile = v[:, :, None, ka:kb].to(dt)
-            s = q_tile @ k_tile.transpose(-1, -2) * scale  # [B, Hkv, G, nq, nk]
-            mask = tile_mask(q_pos, torch.arange(k_start + ka, k_start + kb, device=q.device), causal, window,
-                             None if q_seg is None else q_seg[:, qa:qb], None if k_seg is None else k_seg[:, ka:kb])
+        for ka, kb, v_tile, s, mask in key_tiles(q_tile, k, v, qa, qb, scale, causal, window, q_seg, k_seg,
+                                                 q_start, k_start):
             if kind == "sigmoid":
                 p = torch.sigmoid(s + sigmoid_bias)
                 if mask is not None:
@@ -127,16 +133,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         qb = min(qa + BLOCK, Nq)
         q_tile = qg[:, :, :, qa:qb].to(dt)
         do_tile = dog[:, :, :, qa:qb].to(dt)
-        q_pos = torch.arange(q_start + qa, q_start + qb, device=q.device)
-        for ka in range(0, Nk, BLOCK):
-            kb = min(ka + BLOCK, Nk)
-            if tile_is_masked(q_start + qa, q_start + qb, k_start + ka, k_start + kb, causal, window):
-                continue
+        for ka, kb, v_tile, s, mask in key_tiles(q_tile, k, v, qa, qb, scale, causal, window, q_seg, k_seg,
+                                                 q_start, k_start):
             k_tile = k[:, :, None, ka:kb].to(dt)
-            v_tile = v[:, :, None, ka:kb].to(dt)
-            s = q_tile @ k_tile.transpose(-1, -2) * scale
-            mask = tile_mask(q_pos, torch.arange(k_start + ka, k_start + kb, device=q.device), causal, window,
-                             None if q_seg is None else q_seg[:, qa:qb], None if k_seg is None else k_seg[:, ka:kb])
             dp = do_tile @ v_tile.transpose(-1, -2)
             if kind == "sigmoid":
                 p = torch.sigmoid(s + sigmoid_bias)

@@ -1,4 +1,6 @@
 """LLaMA-style decoder whose per-layer token mixer comes from the registry."""
+from dataclasses import fields
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -44,8 +46,7 @@ class LM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        opts = MixerOptions(n_kv_heads=cfg.n_kv_heads, window=cfg.window, feature_map=cfg.feature_map,
-                            gate_rank=cfg.gate_rank, chunk_size=cfg.chunk_size, rope_base=cfg.rope_base)
+        opts = MixerOptions(**{f.name: getattr(cfg, f.name) for f in fields(MixerOptions)})  # model.* keys
         self.mixers = layer_mixers(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(m, cfg.d_model, cfg.n_heads, mlp_hidden(cfg), opts) for m in self.mixers)
