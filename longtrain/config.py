@@ -186,9 +186,9 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
     has_linear = any(n in LINEAR_FAMILY for n in names)
-    if has_linear and cfg.parallel.sp_size > 1 and cfg.parallel.layout != "contiguous":
-        raise ConfigError(f"parallel.layout={cfg.parallel.layout!r} with linear mixers: linear attention SP needs "
-                          f"contiguous slices; set parallel.layout=contiguous")
+    if has_linear and cfg.parallel.layout != "contiguous" and cfg.parallel.linear_sp in ("lasp1", "zeco"):
+        raise ConfigError(f"parallel.layout={cfg.parallel.layout!r} with linear mixers needs parallel.linear_sp "
+                          f"lasp2 or ulysses ({cfg.parallel.linear_sp!r} passes states along contiguous slices)")
     if "window" in names and not cfg.model.window:
         raise ConfigError("mixer 'window' needs model.window > 0")
     if cfg.data.source in ("bin", "text") and not cfg.data.path:

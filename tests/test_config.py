@@ -40,7 +40,8 @@ def test_cross_field_errors():
         load_config(None, ["parallel.softmax_sp=rung"])
     with pytest.raises(ConfigError, match="data.source='bin' needs data.path"):
         load_config(None, ["data.source=bin"])
-    with pytest.raises(ConfigError, match="linear attention SP needs contiguous"):
-        load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag"])
+    with pytest.raises(ConfigError, match="needs parallel.linear_sp lasp2 or ulysses"):
+        load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", "parallel.linear_sp=zeco"])
+    load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", "parallel.linear_sp=lasp2"])
     with pytest.raises(ConfigError, match="model.layers has 2 entries"):
         load_config(None, ["model.layers=[gla,softmax]", "model.n_layers=4"])

@@ -26,21 +26,21 @@ def make_inputs(N, decay, docs, dtype, B=2, H=4, D=8):
     return q, k, v, log_decay, dout, seg
 
 
-def check_case(group, algorithm, decay, docs, dtype, tol, blocks=None, N=48):
+def check_case(group, algorithm, decay, docs, dtype, tol, blocks=None, N=48, layout="contiguous"):
     q, k, v, log_decay, dout, seg = make_inputs(N, decay, docs, dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + \
         ([log_decay.clone().requires_grad_()] if log_decay is not None else [])
     ref, _ = linear_attention(*leaves[:3], log_decay=leaves[3] if log_decay is not None else None,
                               segment_ids=seg, chunk_size=8)
     ref.backward(dout)
-    shard = lambda t, dim=2: None if t is None else shard_sequence(t, dim, group)
+    shard = lambda t, dim=2: None if t is None else shard_sequence(t, dim, group, layout)
     local = [shard(t).clone().requires_grad_() for t in (q, k, v)] + \
         ([shard(log_decay).clone().requires_grad_()] if log_decay is not None else [])
     out = sp_linear_attention(*local[:3], group=group, algorithm=algorithm,
                               log_decay=local[3] if log_decay is not None else None, segment_ids=shard(seg, 1),
-                              zeco_blocks=blocks, chunk_size=8)
+                              zeco_blocks=blocks, chunk_size=8, layout=layout)
     out.backward(shard(dout))
-    name = f"{algorithm}/decay={decay}/docs={docs}/K={blocks}/{dtype}"
+    name = f"{algorithm}/{layout}/decay={decay}/docs={docs}/K={blocks}/{dtype}"
     pairs = [("out", out, shard(ref))] + [(f"d{n}", a.grad, shard(b.grad)) for n, a, b in zip("qkvg", local, leaves)]
     for what, got, want in pairs:
         err = (got.double() - want.double()).abs().max().item()
@@ -58,6 +58,16 @@ def worker_exact(rank, world):
         check_case(group, "zeco", "channel", True, torch.float64, 1e-10, blocks=blocks)
     for algorithm in algorithms:
         check_case(group, algorithm, "channel", True, torch.float32, 1e-5)
+    for algorithm in [a for a in algorithms if a in ("lasp2", "ulysses")]:  # zigzag: for hybrids with ring attention
+        for decay in [None, "scalar", "channel"]:
+            check_case(group, algorithm, decay, True, torch.float64, 1e-10, layout="zigzag")
+    if world > 1:
+        try:
+            check_case(group, "zeco", None, False, torch.float64, 1e-10, layout="zigzag")
+        except ValueError as e:
+            assert "needs layout='contiguous'" in str(e), e
+        else:
+            raise AssertionError("zeco with the zigzag layout must be refused")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

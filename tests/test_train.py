@@ -110,7 +110,7 @@ def test_packed_documents_do_not_see_each_other(pattern):
 
 SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", "zeco", "allgather", "contiguous"),
             ("mamba2,window", "lasp1", "ring", "contiguous"), ("retention,sigmoid", "ulysses", "ulysses", "contiguous"),
-            ("softmax,gated_softmax", "lasp2", "ring", "zigzag"), ("lightning,softmax", "zeco", "usp", "contiguous"),
+            ("gla,gated_softmax", "lasp2", "ring", "zigzag"), ("lightning,softmax", "zeco", "usp", "contiguous"),
             ("linear,window", "lasp2", "allgather", "contiguous")]
 
 

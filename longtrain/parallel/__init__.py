@@ -64,11 +64,19 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
 def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorithm: str = "lasp2",
                         log_decay: Tensor | None = None, segment_ids: Tensor | None = None,
                         scale: float | None = None, zeco_blocks: int | None = None, chunk_size: int = 64,
-                        backend: str = "torch") -> Tensor:
-    """This rank's shard of single-device `linear_attention`; inputs are contiguous shards [B, H, N/P, D]."""
+                        layout: str = "contiguous", backend: str = "torch") -> Tensor:
+    """This rank's shard of single-device `linear_attention`; inputs are shards [B, H, N/P, D] in `layout`.
+
+    lasp1 and zeco pass states along the ring and need the contiguous layout; lasp2 and ulysses take either.
+    """
     P = group_size(group)
     check_algorithm(algorithm, LINEAR_SP, P)
     check_linear_inputs(q, k, v, log_decay, None, segment_ids)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if layout != "contiguous" and algorithm in ("lasp1", "zeco") and P > 1:
+        raise ValueError(f"linear SP algorithm {algorithm!r} needs layout='contiguous' (got {layout!r}); "
+                         f"lasp2 and ulysses support zigzag")
     kernels = get_backend(backend)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if algorithm == "none" or P == 1:
@@ -77,20 +85,20 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
     if algorithm == "lasp1":
         return Lasp1.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels)
     if algorithm == "lasp2":
-        return Lasp2.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels)
+        return Lasp2.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, layout)
     if algorithm == "zeco":
         return ZeCO.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, zeco_blocks)
     check_heads(q.shape[1], k.shape[1], P)
-    qh, kh, vh = (SeqToHead.apply(t, group, "contiguous") for t in (q, k, v))
+    qh, kh, vh = (SeqToHead.apply(t, group, layout) for t in (q, k, v))
     gh = None
     if log_decay is not None:
         g4 = log_decay if log_decay.dim() == 4 else log_decay[..., None]
-        gh = SeqToHead.apply(g4, group, "contiguous")
+        gh = SeqToHead.apply(g4, group, layout)
         gh = gh if log_decay.dim() == 4 else gh[..., 0]
-    seg_full = gather_segments(segment_ids, group, "contiguous")
+    seg_full = gather_segments(segment_ids, group, layout)
     out, _ = local_linear_attention(qh, kh, vh, backend=kernels, scale=scale, log_decay=gh, segment_ids=seg_full,
                                     chunk_size=chunk_size)
-    return HeadToSeq.apply(out, group, "contiguous")
+    return HeadToSeq.apply(out, group, layout)
 
 
 __all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "SPContext", "local_positions", "pad_sequence", "shard_sequence",

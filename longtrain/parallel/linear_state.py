@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype, decay_shape, resets_from_segments
-from longtrain.parallel.comm import all_gather
+from longtrain.parallel.comm import all_gather, group_size
+from longtrain.parallel.sharding import chunk_ids
 
 
 @dataclass
@@ -70,11 +71,21 @@ def decay_grad(decay: Tensor, state_in: Tensor, w_next: Tensor) -> Tensor:
     return grad.sum(-1, keepdim=True) if decay.shape[-1] == 1 else grad
 
 
-def document_gates(segment_ids: Tensor | None, group) -> Tensor | None:
-    """gate[p, b] = 1 if rank p's first token continues rank p-1's last document (gate[0] = 0); [P, B]."""
+def document_gates(segment_ids: Tensor | None, group, layout: str = "contiguous") -> Tensor | None:
+    """gate[c, b] = 1 if global chunk c's first token continues chunk c-1's last document (gate[0] = 0); [C, B].
+
+    Chunks are the ranks' slices (contiguous) or the 2P zigzag chunks; one tiny all-gather of boundary ids.
+    """
     if segment_ids is None:
         return None
-    ends, _ = all_gather(torch.stack([segment_ids[:, 0], segment_ids[:, -1]], 1), group, "linear_gates")  # [P, B, 2]
+    P = group_size(group)
+    parts = segment_ids.chunk(len(chunk_ids(P, 0, layout)), 1)
+    ends, _ = all_gather(torch.stack([torch.stack([p[:, 0], p[:, -1]], 1) for p in parts]), group, "linear_gates")
+    by_chunk = [None] * (P * len(parts))  # [B, 2] first/last document id of each global chunk
+    for p in range(P):
+        for i, c in enumerate(chunk_ids(P, p, layout)):
+            by_chunk[c] = ends[p, i]
+    ends = torch.stack(by_chunk)
     gates = torch.zeros(ends.shape[0], ends.shape[1], dtype=torch.bool, device=ends.device)
     gates[1:] = ends[1:, :, 0] == ends[:-1, :, 1]
     return gates
@@ -87,12 +98,16 @@ def gate_of(gates: Tensor | None, p: int, like: Tensor) -> Tensor | float:
     return gates[p].to(like.dtype)[:, None, None, None]
 
 
+def correct(lp: LocalPass, state_in: Tensor) -> Tensor:
+    """out_local + (scale q exp(b) mask) @ S_in, one fused step of the backend."""
+    return lp.backend.sp_correction(lp.out.detach().to(state_in.dtype), lp.inputs[0].detach(), lp.b.detach(),
+                                    lp.from_state, lp.scale, state_in)
+
+
 def finish_forward(ctx, lp: LocalPass, state_in: Tensor, q: Tensor) -> Tensor:
-    """out = out_local + (scale q exp(b) mask) @ S_in (one fused step); keeps the local graph on ctx."""
+    """The corrected output; keeps the local graph and S_in on ctx for the backward."""
     ctx.lp, ctx.state_in = lp, state_in
-    out = lp.backend.sp_correction(lp.out.detach().to(state_in.dtype), lp.inputs[0].detach(), lp.b.detach(),
-                                   lp.from_state, lp.scale, state_in)
-    return out.to(q.dtype)
+    return correct(lp, state_in).to(q.dtype)
 
 
 def correction_backward(lp: LocalPass, dout: Tensor, state_in: Tensor) -> tuple[tuple, Tensor]:
