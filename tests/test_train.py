@@ -93,6 +93,15 @@ def test_wandb_offline_writes_a_run_directory(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "wandb_id.txt").exists()
 
 
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(small_config(tmp_path / "run", "train.steps=2", "train.save_every=2", "wandb.mode=offline"))
+    train(small_config(tmp_path / "run", "train.steps=4", "wandb.mode=offline"))
+    run_files = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text()
+    assert len(run_files) == 2 and all(os.path.basename(f) == f"run-{run_id}.wandb" for f in run_files)
+
+
 @pytest.mark.parametrize("pattern", ["gla,softmax", "mamba2,window", "retention,sigmoid", "lightning,gated_softmax",
                                      "linear,softmax"])
 def test_packed_documents_do_not_see_each_other(pattern):
