@@ -49,8 +49,8 @@ def check_case(group, algorithm, layout, kind, causal, window, docs, Hq, Hkv, dt
                             ("dv", vl.grad, ref[4])] + ([("lse", lse, ref[1])] if kind == "softmax" else []):
         err = (got.double() - shard(want).double()).abs().max().item()
         assert err < tol, f"{name}: {what} max abs err {err}"
-    assert torch.equal(unshard_sequence(out.detach(), 2, group, layout), unshard_sequence(out.detach(), 2, group,
-                                                                                           layout))
+    full = unshard_sequence(out.detach(), 2, group, layout)  # the shards reassemble the single-device output
+    assert (full.double() - ref[0].double()).abs().max().item() < tol, f"{name}: unsharded out"
 
 
 def worker_all_algorithms(rank, world):
