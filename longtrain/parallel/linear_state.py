@@ -1,6 +1,7 @@
 """The math every linear-attention SP algorithm shares: a local pass, the state scan, the correction.
 
-Rank r holds a contiguous slice. With zero initial state it computes its outputs, its final state M_r
+Rank r holds a contiguous slice (LASP-2 and Ulysses also take the two zigzag chunks; the same math then
+runs over the 2P chunks in sequence order). With zero initial state it computes its outputs, its final state M_r
 [B, H, Dk, Dv] and its total decay A_r ([B, H, Dk] or [B, H, 1]; 0 where a document starts inside the
 slice). The true incoming state is the exclusive scan S_{r+1} = gate_{r+1} (A_r S_r + M_r), S_0 = 0,
 where gate_r = 0 when rank r's first token starts a new document. Each output then gets
