@@ -19,7 +19,9 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, w
                       segment_ids: Tensor | None = None, kv_segment_ids: Tensor | None = None,
                       scale: float | None = None, q_start: int = 0, k_start: int = 0,
                       backend: str = "torch") -> tuple[Tensor, Tensor]:
-    """Blockwise softmax attention. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> (out like q, lse [B, Hq, Nq] fp32).
+    """Blockwise softmax attention. q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] -> (out like q, lse [B, Hq, Nq]).
+
+    lse is float32 (float64 for float64 inputs), -inf for rows that see no key (their output is 0).
 
     q_start/k_start are global positions of the first query/key; kv_segment_ids defaults to segment_ids.
     """
