@@ -104,3 +104,10 @@ def test_time_limit_signal_checkpoints_then_requeues(tmp_path):
     assert log.read_text().split() == ["requeue", "77"]
     saved = os.listdir(run_dir / "checkpoints")
     assert len(saved) == 1 and saved[0].startswith("step_")
+
+
+def test_bench_runs_a_benchmark_script():
+    done = subprocess.run([sys.executable, "-m", "longtrain", "bench", "kernels", "--smoke"], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "flash attention max err" in done.stdout

@@ -1,4 +1,4 @@
-"""`longtrain train|launch|slurm|prepare`: the command line. Training itself lives in longtrain.trainer."""
+"""`longtrain train|launch|slurm|prepare|bench`: the command line. Training lives in longtrain.trainer."""
 import argparse
 import os
 import shlex
@@ -41,6 +41,19 @@ def cmd_slurm(args) -> int:
     return subprocess.call(["sbatch", path])
 
 
+BENCHMARKS = ("sp_softmax", "sp_linear", "kernels")
+
+
+def cmd_bench(args) -> int:
+    """Run benchmarks/<name>.py of this checkout with the remaining arguments."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", f"{args.name}.py")
+    if not os.path.exists(script):
+        print(f"{script} not found: the benchmarks ship with the repository checkout, not the package",
+              file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, os.path.abspath(script), *args.args])
+
+
 def cmd_prepare(args) -> int:
     from longtrain.trainer.data import prepare
     stream = prepare(args.input, args.output, args.tokenizer, args.eos_id)
@@ -77,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     slurm.add_argument("config")
     slurm.add_argument("overrides", nargs="*")
     slurm.set_defaults(fn=cmd_slurm)
+    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/ (sp_softmax, sp_linear, kernels)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    bench.set_defaults(fn=cmd_bench)
     prep = sub.add_parser("prepare", help="tokenize text files into a .bin token stream")
     prep.add_argument("input")
     prep.add_argument("output")
