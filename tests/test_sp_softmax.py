@@ -151,6 +151,10 @@ def worker_allgather_ulysses_bytes(rank, world):
         out.backward(shard_sequence(dout, 2, group))
         assert comm.BYTES_SENT[f"{algorithm}_fwd"] == expected_fwd, (algorithm, comm.BYTES_SENT)
         assert comm.BYTES_SENT[f"{algorithm}_bwd"] == expected_bwd, (algorithm, comm.BYTES_SENT)
+    comm.reset_counters()  # the mixers' call: no lse wanted, so Ulysses does not send it back
+    out, lse = sp_softmax_attention(*(shard_sequence(t, 2, group) for t in (q, k, v)), group=group,
+                                    algorithm="ulysses", return_lse=False)
+    assert lse is None and comm.BYTES_SENT["ulysses_fwd"] == 4 * (world - 1) * shard_bytes // world
 
 
 def test_allgather_and_ulysses_bytes_match_formulas():

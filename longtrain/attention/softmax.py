@@ -34,7 +34,8 @@ class SoftmaxAttention(nn.Module):
             out, _ = sp_softmax_attention(q, k, v, group=ctx.sp.group, algorithm=ctx.sp.softmax_algorithm,
                                           layout=ctx.sp.layout, causal=True, window=self.window,
                                           segment_ids=ctx.segment_ids, kind=self.kind, sigmoid_bias=bias,
-                                          ulysses_size=ctx.sp.ulysses_size, backend=ctx.backend)
+                                          ulysses_size=ctx.sp.ulysses_size, return_lse=False,
+                                          backend=ctx.backend)
             return out
         if self.kind == "sigmoid":
             return sigmoid_attention(q, k, v, window=self.window, segment_ids=ctx.segment_ids, bias=bias,

@@ -3,7 +3,7 @@ import math
 
 from torch import Tensor
 
-from longtrain.kernels import get_backend, local_attention, local_linear_attention
+from longtrain.kernels import get_backend, local_attention
 from longtrain.kernels.checks import check_attention_inputs, check_linear_inputs
 from longtrain.parallel.allgather import allgather_attention
 from longtrain.parallel.comm import group_size
@@ -13,7 +13,7 @@ from longtrain.parallel.lasp2 import Lasp2
 from longtrain.parallel.ring import ring_attention
 from longtrain.parallel.sharding import (LAYOUTS, local_positions, pad_sequence, shard_sequence,
                                          unshard_sequence)
-from longtrain.parallel.ulysses import HeadToSeq, SeqToHead, check_heads, gather_segments
+from longtrain.parallel.ulysses import ulysses_attention, ulysses_linear_attention
 from longtrain.parallel.usp import usp_attention
 from longtrain.parallel.zeco import ZeCO
 
@@ -31,11 +31,12 @@ def check_algorithm(algorithm: str, known: tuple, P: int) -> None:
 def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorithm: str = "ring",
                          layout: str = "contiguous", causal: bool = True, window: int | None = None,
                          segment_ids: Tensor | None = None, scale: float | None = None, kind: str = "softmax",
-                         sigmoid_bias: float = 0.0, ulysses_size: int = 1,
+                         sigmoid_bias: float = 0.0, ulysses_size: int = 1, return_lse: bool = True,
                          backend: str = "torch") -> tuple[Tensor, Tensor | None]:
     """This rank's shard of single-device softmax (or sigmoid) attention; inputs are shards in `layout`.
 
-    Returns (out [B, Hq, N/P, D], lse [B, Hq, N/P] float32, or None for kind="sigmoid").
+    Returns (out [B, Hq, N/P, D], lse [B, Hq, N/P] float32). lse is None for kind="sigmoid" and when
+    return_lse=False (the mixers' case: Ulysses and USP then skip sending it back).
     """
     P = group_size(group)
     check_algorithm(algorithm, SOFTMAX_SP, P)
@@ -46,19 +47,16 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
     opts = dict(scale=1 / math.sqrt(q.shape[-1]) if scale is None else scale, causal=causal, window=window,
                 kind=kind, sigmoid_bias=sigmoid_bias)
     if algorithm == "none" or (P == 1 and algorithm != "usp"):
-        return local_attention(q, k, v, backend=kernels, q_seg=segment_ids, k_seg=segment_ids, **opts)
-    if algorithm == "ring":
-        return ring_attention(q, k, v, segment_ids, group, layout, kernels, opts)
-    if algorithm == "allgather":
-        return allgather_attention(q, k, v, segment_ids, group, layout, kernels, opts)
-    if algorithm == "usp":
-        return usp_attention(q, k, v, segment_ids, group, layout, ulysses_size, kernels, opts)
-    check_heads(q.shape[1], k.shape[1], P)
-    qh, kh, vh = (SeqToHead.apply(t, group, layout) for t in (q, k, v))
-    seg_full = gather_segments(segment_ids, group, layout)
-    out, lse = local_attention(qh, kh, vh, backend=kernels, q_seg=seg_full, k_seg=seg_full, **opts)
-    out = HeadToSeq.apply(out, group, layout)
-    return out, (None if lse is None else HeadToSeq.apply(lse[..., None], group, layout)[..., 0])
+        out, lse = local_attention(q, k, v, backend=kernels, q_seg=segment_ids, k_seg=segment_ids, **opts)
+    elif algorithm == "ring":
+        out, lse = ring_attention(q, k, v, segment_ids, group, layout, kernels, opts)
+    elif algorithm == "allgather":
+        out, lse = allgather_attention(q, k, v, segment_ids, group, layout, kernels, opts)
+    elif algorithm == "usp":
+        out, lse = usp_attention(q, k, v, segment_ids, group, layout, ulysses_size, kernels, opts, return_lse)
+    else:
+        out, lse = ulysses_attention(q, k, v, segment_ids, group, layout, kernels, opts, return_lse)
+    return out, (lse if return_lse else None)
 
 
 def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorithm: str = "lasp2",
@@ -80,25 +78,15 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
     kernels = get_backend(backend)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if algorithm == "none" or P == 1:
-        return local_linear_attention(q, k, v, backend=kernels, scale=scale, log_decay=log_decay,
-                                      segment_ids=segment_ids, chunk_size=chunk_size)[0]
+        return kernels.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay, segment_ids=segment_ids,
+                                                chunk_size=chunk_size)[0]
     if algorithm == "lasp1":
         return Lasp1.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels)
     if algorithm == "lasp2":
         return Lasp2.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, layout)
     if algorithm == "zeco":
         return ZeCO.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, zeco_blocks)
-    check_heads(q.shape[1], k.shape[1], P)
-    qh, kh, vh = (SeqToHead.apply(t, group, layout) for t in (q, k, v))
-    gh = None
-    if log_decay is not None:
-        g4 = log_decay if log_decay.dim() == 4 else log_decay[..., None]
-        gh = SeqToHead.apply(g4, group, layout)
-        gh = gh if log_decay.dim() == 4 else gh[..., 0]
-    seg_full = gather_segments(segment_ids, group, layout)
-    out, _ = local_linear_attention(qh, kh, vh, backend=kernels, scale=scale, log_decay=gh, segment_ids=seg_full,
-                                    chunk_size=chunk_size)
-    return HeadToSeq.apply(out, group, layout)
+    return ulysses_linear_attention(q, k, v, log_decay, segment_ids, group, layout, kernels, scale, chunk_size)
 
 
 __all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "SPContext", "local_positions", "pad_sequence", "shard_sequence",

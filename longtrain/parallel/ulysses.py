@@ -7,6 +7,7 @@ all-to-alls of the gradients. Heads are independent, so it serves both attention
 import torch
 from torch import Tensor
 
+from longtrain.kernels import local_attention
 from longtrain.parallel.comm import all_gather, all_to_all, group_size
 from longtrain.parallel.sharding import gather_order, scatter_order
 
@@ -64,3 +65,31 @@ def gather_segments(seg: Tensor | None, group, layout: str) -> Tensor | None:
         return None
     parts, _ = all_gather(seg, group, "ulysses_fwd")
     return gather_order(list(parts.unbind(0)), 1, layout)
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, group, layout: str, backend, opts: dict,
+                      return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Softmax/sigmoid attention over full sequences of H/P heads; lse travels back only when asked for."""
+    check_heads(q.shape[1], k.shape[1], group_size(group))
+    qh, kh, vh = (SeqToHead.apply(t, group, layout) for t in (q, k, v))
+    seg_full = gather_segments(seg, group, layout)
+    out, lse = local_attention(qh, kh, vh, backend=backend, q_seg=seg_full, k_seg=seg_full, **opts)
+    out = HeadToSeq.apply(out, group, layout)
+    if lse is None or not return_lse:
+        return out, None
+    return out, HeadToSeq.apply(lse[..., None], group, layout)[..., 0]
+
+
+def ulysses_linear_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, seg: Tensor | None, group,
+                             layout: str, backend, scale: float, chunk_size: int) -> Tensor:
+    """Chunked linear attention over full sequences of H/P heads (heads are independent)."""
+    check_heads(q.shape[1], k.shape[1], group_size(group))
+    qh, kh, vh = (SeqToHead.apply(t, group, layout) for t in (q, k, v))
+    gh = None
+    if log_decay is not None:
+        g4 = log_decay if log_decay.dim() == 4 else log_decay[..., None]
+        gh = SeqToHead.apply(g4, group, layout)
+        gh = gh if log_decay.dim() == 4 else gh[..., 0]
+    out, _ = backend.linear_attention_chunked(qh, kh, vh, scale=scale, log_decay=gh,
+                                              segment_ids=gather_segments(seg, group, layout), chunk_size=chunk_size)
+    return HeadToSeq.apply(out, group, layout)

@@ -32,11 +32,13 @@ def usp_groups(group, ulysses_size: int):
 
 
 def usp_attention(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, group, layout: str, ulysses_size: int,
-                  backend, opts: dict) -> tuple[Tensor, Tensor | None]:
+                  backend, opts: dict, return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """Ulysses over groups of `ulysses_size` ranks, then ring attention across groups."""
     check_heads(q.shape[1], k.shape[1], ulysses_size)
     ulysses, ring = usp_groups(group, ulysses_size)
     qh, kh, vh = (SeqToHead.apply(t, ulysses, layout) for t in (q, k, v))
     out, lse = ring_attention(qh, kh, vh, gather_segments(seg, ulysses, layout), ring, layout, backend, opts)
     out = HeadToSeq.apply(out, ulysses, layout)
-    return out, (None if lse is None else HeadToSeq.apply(lse[..., None], ulysses, layout)[..., 0])
+    if lse is None or not return_lse:
+        return out, None
+    return out, HeadToSeq.apply(lse[..., None], ulysses, layout)[..., 0]

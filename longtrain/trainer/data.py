@@ -50,15 +50,16 @@ def load_tokenizer(cfg: DataConfig):
 
 @dataclass
 class Batch:
-    """tokens/targets/segment_ids [B, N] int64; loss_mask [B, N] bool (which targets count)."""
+    """tokens/targets [B, N] int64; loss_mask [B, N] bool (which targets count); segment_ids [B, N] int64
+    for packed documents, None when every sequence is one document."""
     tokens: Tensor
     targets: Tensor
     loss_mask: Tensor
-    segment_ids: Tensor
+    segment_ids: Tensor | None
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.targets, self.loss_mask,
-                                                                 self.segment_ids)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.tokens, self.targets, self.loss_mask, self.segment_ids)))
 
 
 def mqar_sample(rng: np.random.Generator, seq_len: int, n_pairs: int, vocab: int):
@@ -155,7 +156,7 @@ class DataLoader:
                 range(n_windows - n_eval, n_windows)
 
     def sample(self, index: int):
-        """(tokens [N+1], loss_mask [N], segment_ids [N]) of global sample `index`."""
+        """(tokens [N+1], loss_mask [N], segment_ids [N] or None) of global sample `index`."""
         cfg = self.cfg
         if self.stream is not None:
             start = self.windows[index % len(self.windows)] * cfg.seq_len
@@ -166,7 +167,7 @@ class DataLoader:
             tokens, mask = mqar_sample(rng, cfg.seq_len, cfg.mqar_pairs, cfg.mqar_vocab)
         else:
             tokens, mask = passkey_sample(rng, cfg.seq_len, cfg.passkey_digits, self.tok)
-        return tokens, mask, np.zeros(cfg.seq_len, dtype=np.int64)
+        return tokens, mask, None  # one document per sequence
 
     def next_batch(self) -> Batch:
         B = self.cfg.batch_size
@@ -174,9 +175,9 @@ class DataLoader:
         samples = [self.sample(first + i) for i in range(B)]
         self.position += self.dp_size * B
         tokens = torch.from_numpy(np.stack([s[0] for s in samples]))
+        segment_ids = None if self.stream is None else torch.from_numpy(np.stack([s[2] for s in samples]))
         return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
-                     torch.from_numpy(np.stack([s[1] for s in samples])),
-                     torch.from_numpy(np.stack([s[2] for s in samples])))
+                     torch.from_numpy(np.stack([s[1] for s in samples])), segment_ids)
 
     def state_dict(self) -> dict:
         return {"position": self.position}

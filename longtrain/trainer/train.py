@@ -84,6 +84,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=(t.beta1, t.beta2),
                                                fused=self.device.type == "cuda")
         self.loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "train")
+        self.eval_loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "eval")
         self.step = 0
         self.signal_received = False  # set by a signal handler on this rank only
         self.stop_requested = False  # agreed by every rank, so all of them save and stop together
@@ -105,37 +106,34 @@ class Trainer:
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def shard(self, batch: Batch) -> tuple[Batch, AttnContext]:
-        """This SP rank's tokens of the batch and the attention context that goes with them.
-
-        Synthetic sources hold one document per sequence, so their segment ids are not passed on.
-        """
+        """This SP rank's tokens of the batch and the attention context that goes with them."""
         N = batch.tokens.shape[1]
-        packed = self.cfg.data.source in ("bin", "text")
         if self.sp is None:
-            return batch, AttnContext(torch.arange(N, device=self.device), N, batch.segment_ids if packed else None,
-                                      None, self.cfg.kernels.backend)
+            return batch, AttnContext(torch.arange(N, device=self.device), N, batch.segment_ids, None,
+                                      self.cfg.kernels.backend)
         parts = num_chunks(self.mesh.sp_size, self.cfg.parallel.layout)
         if N % parts and self.cfg.parallel.pad:
             tokens, _ = pad_sequence(batch.tokens, parts)
             targets, _ = pad_sequence(batch.targets, parts)
             mask, _ = pad_sequence(batch.loss_mask, parts, pad_id=False)
-            segment_ids, _ = pad_sequence(batch.segment_ids, parts, pad_id=-1)  # padding is its own document
+            segment_ids = None if batch.segment_ids is None else \
+                pad_sequence(batch.segment_ids, parts, pad_id=-1)[0]  # padding is its own document
             batch = Batch(tokens, targets, mask, segment_ids)
         group, layout = self.mesh.sp_group, self.cfg.parallel.layout
-        local = Batch(*(shard_sequence(t, 1, group, layout) for t in (batch.tokens, batch.targets, batch.loss_mask,
-                                                                      batch.segment_ids)))
+        local = Batch(*(None if t is None else shard_sequence(t, 1, group, layout)
+                        for t in (batch.tokens, batch.targets, batch.loss_mask, batch.segment_ids)))
         positions = local_positions(local.tokens.shape[1], group, layout, self.device)
-        return local, AttnContext(positions, N, local.segment_ids if packed else None, self.sp,
-                                  self.cfg.kernels.backend)
+        return local, AttnContext(positions, N, local.segment_ids, self.sp, self.cfg.kernels.backend)
 
-    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sum of masked token losses, number of masked tokens, number predicted right) on local tokens."""
+    def forward_loss(self, batch: Batch, accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
         local, ctx = self.shard(batch.to(self.device))
         with self.autocast:
             logits = self.model(local.tokens, ctx)
         losses = F.cross_entropy(logits.float().flatten(0, 1), local.targets.flatten(), reduction="none")
         mask = local.loss_mask.flatten()
-        correct = ((logits.argmax(-1).flatten() == local.targets.flatten()) & mask).sum()
+        correct = ((logits.argmax(-1).flatten() == local.targets.flatten()) & mask).sum() if accuracy else \
+            torch.zeros((), device=self.device)
         return (losses * mask).sum(), mask.sum(), correct
 
     def backward(self, loss_sum: torch.Tensor, total_tokens: float, last_micro: bool) -> None:
@@ -173,9 +171,10 @@ class Trainer:
         t0 = time.perf_counter()
         bytes_before = comm.snapshot()
         batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        local_tokens = sum(int(self.shard(b)[0].loss_mask.sum()) for b in batches)
+        # Every SP rank holds the full sequences, so SP rank 0 alone counts them (padding never counts).
+        tokens_here = sum(b.loss_mask.sum().item() for b in batches) if self.mesh.sp_rank == 0 else 0
         # One small all-reduce agrees on the global token count and on stopping (a signal may reach one rank).
-        agreed = all_reduce_sum(torch.tensor([local_tokens, float(self.signal_received)], device=self.device,
+        agreed = all_reduce_sum(torch.tensor([tokens_here, float(self.signal_received)], device=self.device,
                                              dtype=torch.float64))
         total_tokens, self.stop_requested = max(agreed[0].item(), 1.0), agreed[1].item() > 0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -205,10 +204,10 @@ class Trainer:
     def evaluate(self) -> dict:
         """Loss and answer accuracy (on the loss-mask positions) over cfg.train.eval_batches fresh batches."""
         self.model.eval()
-        loader = DataLoader(self.cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "eval")
+        self.eval_loader.load_state_dict({"position": 0})  # the same eval batches every time
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)
         for _ in range(self.cfg.train.eval_batches):
-            loss, count, correct = self.forward_loss(loader.next_batch())
+            loss, count, correct = self.forward_loss(self.eval_loader.next_batch(), accuracy=True)
             totals += torch.stack([loss.double(), count.double(), correct.double()])
         loss, count, correct = all_reduce_sum(totals).tolist()
         self.model.train()
