@@ -2,9 +2,12 @@
 import resource
 import time
 
+import argparse
+
 import torch
 
 from longtrain.parallel import comm
+from longtrain.parallel.spawn import run_distributed
 
 
 def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, float]:
@@ -66,3 +69,26 @@ def plot(rows: list[dict], x: str, y: str, series: list[str], path: str, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def sweep_args(n: list[int], algorithms: list[str], head_dim: int, out: str) -> argparse.Namespace:
+    """The command line every SP benchmark shares, with its own defaults."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, nargs="+", default=n)
+    p.add_argument("--p", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--algorithms", nargs="+", default=algorithms)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=head_dim)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=out)
+    return p.parse_args()
+
+
+def sweep(worker, args: argparse.Namespace) -> list[dict]:
+    """Rows of worker(rank, world, algorithms, sizes, heads, head_dim, repeats) on rank 0, for every P in args.p
+    (P = 1 runs the single-device path, algorithm "none")."""
+    rows = []
+    for world in args.p:
+        algorithms = ["none"] if world == 1 else args.algorithms
+        rows += run_distributed(worker, world, algorithms, args.n, args.heads, args.head_dim, args.repeats)[0]
+    return rows

@@ -3,7 +3,6 @@
 Strong scaling (N fixed, more ranks) and weak scaling (N/P fixed):
     python benchmarks/sp_linear.py --n 2048 4096 8192 --p 1 2 4
 """
-import argparse
 import os
 import sys
 
@@ -11,9 +10,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import plot, print_table, time_fwd_bwd  # noqa: E402
+from common import plot, print_table, sweep, sweep_args, time_fwd_bwd  # noqa: E402
 from longtrain.parallel import sp_linear_attention  # noqa: E402
-from longtrain.parallel.spawn import run_distributed  # noqa: E402
 
 
 def worker(rank, world, algorithms, sizes, heads, head_dim, repeats):
@@ -36,19 +34,8 @@ def worker(rank, world, algorithms, sizes, heads, head_dim, repeats):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--p", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--algorithms", nargs="+", default=["lasp1", "lasp2", "zeco", "ulysses"])
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/sp_linear.png")
-    args = p.parse_args()
-    rows = []
-    for world in args.p:
-        algorithms = ["none"] if world == 1 else args.algorithms
-        rows += run_distributed(worker, world, algorithms, args.n, args.heads, args.head_dim, args.repeats)[0]
+    args = sweep_args([2048, 4096, 8192], ["lasp1", "lasp2", "zeco", "ulysses"], 64, "benchmarks/sp_linear.png")
+    rows = sweep(worker, args)
     columns = ["algorithm", "P", "N", "N/P", "ms", "tokens/s", "KB sent/rank", "peak MB/rank"]
     print("strong scaling (N fixed):")
     print_table(sorted(rows, key=lambda r: (r["N"], r["algorithm"], r["P"])), columns)

@@ -2,7 +2,6 @@
 
     python benchmarks/sp_softmax.py --n 1024 2048 4096 --p 1 2 4     # CPU (gloo) or GPU (nccl) when present
 """
-import argparse
 import os
 import sys
 
@@ -10,9 +9,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import plot, print_table, time_fwd_bwd  # noqa: E402
+from common import plot, print_table, sweep, sweep_args, time_fwd_bwd  # noqa: E402
 from longtrain.parallel import sp_softmax_attention  # noqa: E402
-from longtrain.parallel.spawn import run_distributed  # noqa: E402
 
 
 def worker(rank, world, algorithms, sizes, heads, head_dim, repeats):
@@ -36,19 +34,8 @@ def worker(rank, world, algorithms, sizes, heads, head_dim, repeats):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096])
-    p.add_argument("--p", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--algorithms", nargs="+", default=["ring", "allgather", "ulysses"])
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/sp_softmax.png")
-    args = p.parse_args()
-    rows = []
-    for world in args.p:
-        algorithms = ["none"] if world == 1 else args.algorithms
-        rows += run_distributed(worker, world, algorithms, args.n, args.heads, args.head_dim, args.repeats)[0]
+    args = sweep_args([1024, 2048, 4096], ["ring", "allgather", "ulysses"], 32, "benchmarks/sp_softmax.png")
+    rows = sweep(worker, args)
     print_table(rows, ["algorithm", "P", "N", "ms", "tokens/s", "MB sent/rank", "peak MB/rank"])
     plot(rows, "N", "ms", ["algorithm", "P"], args.out, "softmax SP: forward+backward per step")
 

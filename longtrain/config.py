@@ -5,13 +5,15 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from longtrain.attention import LINEAR_FAMILY, check_mixer
+from longtrain.attention import LINEAR_FAMILY, MixerOptions, check_mixer
 from longtrain.kernels import BACKENDS
 from longtrain.parallel import LAYOUTS, LINEAR_SP, SOFTMAX_SP
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(MixerOptions):
+    """The model; the mixer keys (n_kv_heads, window, feature_map, gate_rank, chunk_size, rope_base) come
+    from MixerOptions and reach every mixer as they are."""
     vocab_size: int = 257
     d_model: int = 128
     n_layers: int = 4
@@ -21,12 +23,6 @@ class ModelConfig:
     mlp_hidden: int | None = None  # default: 8/3 d_model rounded up to a multiple of 32
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
-    n_kv_heads: int | None = None
-    window: int | None = None
-    feature_map: str | None = None
-    gate_rank: int = 16
-    chunk_size: int = 64
-    rope_base: float = 10000.0
 
 
 @dataclass

@@ -170,9 +170,14 @@ def test_model_under_sp_matches_single_device(world, tmp_path):
 
 
 def worker_train_and_save(rank, world, run_dir):
-    cfg = small_config(run_dir, "train.steps=3", "train.save_every=3", "parallel.sp_size=2")
+    cfg = small_config(run_dir, "train.steps=3", "train.save_every=3", "parallel.sp_size=2",
+                       "parallel.linear_sp=lasp1", "parallel.softmax_sp=ring")
     trainer = Trainer(cfg)
-    trainer.fit()
+    metrics = trainer.fit()
+    # bytes per step and algorithm are logged, and match the formulas: one ring K/V block (B, Hkv=2, N/2, D=16,
+    # fp32, 2 tensors) forward, and for LASP-1 one [B, H, Dk, Dv] fp32 state, sent by rank 0 only
+    assert metrics["comm/bytes_sent/ring_fwd"] == 2 * 4 * 2 * 16 * 16 * 4
+    assert metrics.get("comm/bytes_sent/lasp1_fwd", 0) == (4 * 2 * 16 * 16 * 4 if rank == 0 else 0)
     full = get_model_state_dict(trainer.lm, options=StateDictOptions(full_state_dict=True))  # FSDP2: gathered
     return {k: v.detach().numpy().copy() for k, v in full.items()}  # by value, not shared memory
 

@@ -3,7 +3,7 @@ import math
 
 from torch import Tensor
 
-from longtrain.kernels import get_backend, local_attention, local_linear_attention
+from longtrain.kernels import get_backend, local_attention
 from longtrain.kernels.checks import check_attention_inputs, check_linear_inputs
 from longtrain.kernels.reference import merge_partials
 
@@ -58,7 +58,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | Non
     check_linear_inputs(q, k, v, log_decay, initial_state, segment_ids)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return local_linear_attention(q, k, v, backend=get_backend(backend), scale=default_scale(q, scale),
-                                  log_decay=log_decay, initial_state=initial_state,
-                                  output_final_state=output_final_state, segment_ids=segment_ids,
-                                  chunk_size=chunk_size)
+    return get_backend(backend).linear_attention_chunked(q, k, v, scale=default_scale(q, scale), log_decay=log_decay,
+                                                         initial_state=initial_state,
+                                                         output_final_state=output_final_state,
+                                                         segment_ids=segment_ids, chunk_size=chunk_size)

@@ -5,7 +5,7 @@ from types import ModuleType
 import torch
 
 from longtrain.kernels import reference
-from longtrain.kernels.local import local_attention, local_linear_attention
+from longtrain.kernels.local import local_attention
 
 BACKENDS = ("torch", "triton")
 
@@ -23,4 +23,4 @@ def get_backend(name: str) -> ModuleType:
     raise ValueError(f"unknown kernel backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "get_backend", "local_attention", "local_linear_attention", "reference"]
+__all__ = ["BACKENDS", "get_backend", "local_attention", "reference"]

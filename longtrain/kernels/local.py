@@ -30,12 +30,3 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, backend, scale: float, c
                 sigmoid_bias=sigmoid_bias)
     return LocalAttention.apply(q, k, v, q_seg, k_seg, backend, opts)
 
-
-def local_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, backend, scale: float,
-                           log_decay: Tensor | None = None, initial_state: Tensor | None = None,
-                           output_final_state: bool = False, segment_ids: Tensor | None = None,
-                           chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
-    """Differentiable chunked linear attention on one device through the backend."""
-    return backend.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay, initial_state=initial_state,
-                                            output_final_state=output_final_state, segment_ids=segment_ids,
-                                            chunk_size=chunk_size)

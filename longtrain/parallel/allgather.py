@@ -45,7 +45,7 @@ class AllGatherAttention(torch.autograd.Function):
         q, k_full, v_full, seg, seg_full, out, lse = ctx.saved_tensors
         group, layout, backend, opts = ctx.group, ctx.layout, ctx.backend, ctx.opts
         P, r = group_size(group), group_rank(group)
-        dq = torch.zeros_like(out.new_empty(q.shape))
+        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
         dk_full = torch.zeros_like(k_full, dtype=out.dtype)
         dv_full = torch.zeros_like(v_full, dtype=out.dtype)
         for off, start, n in local_chunks(q.shape[2], P, r, layout):

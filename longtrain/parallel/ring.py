@@ -11,7 +11,7 @@ every rank then does the same causal work.
 import torch
 from torch import Tensor
 
-from longtrain.kernels.reference import merge_partials, tile_is_masked
+from longtrain.kernels.reference import acc_dtype, merge_partials, tile_is_masked
 from longtrain.parallel.comm import group_rank, group_size, p2p, wait
 from longtrain.parallel.sharding import local_chunks
 
@@ -35,10 +35,9 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, seg, group, layout, backend, opts):
         P, r = group_size(group), group_rank(group)
         n_local = q.shape[2]
-        kind = opts["kind"]
-        out = None
-        lse = q.new_full((q.shape[0], q.shape[1], n_local), -torch.inf, dtype=torch.float64
-                         if q.dtype == torch.float64 else torch.float32) if kind == "softmax" else None
+        kind, dt = opts["kind"], acc_dtype(q)
+        out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=dt)
+        lse = q.new_full(q.shape[:3], -torch.inf, dtype=dt) if kind == "softmax" else None
         block = [t.contiguous() for t in [k, v] + ([] if seg is None else [seg])]
         for step in range(P):
             src = (r - step) % P
@@ -52,8 +51,6 @@ class RingAttention(torch.autograd.Function):
                 o_part, lse_part = backend.attention_forward(
                     seq_slice(q, qc), seq_slice(k_blk, kc), seq_slice(v_blk, kc), q_seg=seq_slice(seg, qc, 1),
                     k_seg=seq_slice(k_seg, kc, 1), q_start=qc[1], k_start=kc[1], **opts)
-                if out is None:
-                    out = o_part.new_zeros(*q.shape[:3], v.shape[-1])
                 sl = slice(qc[0], qc[0] + qc[2])
                 if kind == "sigmoid":
                     out[:, :, sl] += o_part
@@ -62,8 +59,6 @@ class RingAttention(torch.autograd.Function):
             wait(reqs)
             if nxt is not None:
                 block = nxt
-        if out is None:
-            out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=lse.dtype if lse is not None else torch.float32)
         ctx.save_for_backward(q, k, v, seg, out, lse)
         ctx.group, ctx.layout, ctx.backend, ctx.opts = group, layout, backend, opts
         return out.to(q.dtype), lse
@@ -79,7 +74,7 @@ class RingAttention(torch.autograd.Function):
             delta = (dout.to(out.dtype) * out).sum(-1)
             if dlse is not None:
                 delta = delta - dlse.to(delta.dtype)
-        dq = torch.zeros_like(out.new_empty(q.shape))
+        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
         block = [t.contiguous() for t in [k, v] + ([] if seg is None else [seg])]
         grad_reqs, grad_in = [], None
         for step in range(P):

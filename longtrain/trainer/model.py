@@ -1,6 +1,4 @@
 """LLaMA-style decoder whose per-layer token mixer comes from the registry."""
-from dataclasses import fields
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -46,10 +44,9 @@ class LM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        opts = MixerOptions(**{f.name: getattr(cfg, f.name) for f in fields(MixerOptions)})  # model.* keys
         self.mixers = layer_mixers(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(m, cfg.d_model, cfg.n_heads, mlp_hidden(cfg), opts) for m in self.mixers)
+        self.blocks = nn.ModuleList(Block(m, cfg.d_model, cfg.n_heads, mlp_hidden(cfg), cfg) for m in self.mixers)
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self.init_weights)
