@@ -90,7 +90,7 @@ def smoke() -> None:
     out, lse = flash_attn.attention_forward(q, k, v, scale=32 ** -0.5)
     ref, ref_lse = reference.attention_forward(q, k, v, scale=32 ** -0.5)
     g = -torch.rand(1, 2, 128, 32)
-    lin, _, _ = linear_attn.chunk_forward(q, k, v, 0.2, g, None, None)
+    lin, _ = linear_attn.chunk_forward(q, k, v, 0.2, g, None, None)
     lin_ref, _ = reference.linear_attention_chunked(q, k, v, scale=0.2, log_decay=g)
     print(f"flash attention max err {(out - ref).abs().max():.2e}, lse {(lse - ref_lse).abs().max():.2e}; "
           f"linear attention max err {(lin - lin_ref).abs().max():.2e} (interpreter, N=128, D=32)")

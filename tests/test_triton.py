@@ -64,15 +64,25 @@ def test_public_op_with_triton_backend_runs_autograd():
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
+def linear_segments(B, N):
+    """Documents starting inside a tile, at a tile boundary (80) and at a chunk boundary (128)."""
+    seg = torch.zeros(B, N, dtype=torch.long)
+    seg[:, 29:] = 1
+    seg[:, 80:] = 2
+    seg[-1, 128:] = 3
+    return seg.to(DEVICE)
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar", "channel", "strong"])
 @pytest.mark.parametrize("with_docs", [False, True])
 def test_linear_kernel_matches_reference(decay, with_docs):
-    B, H, N, D = 2, 2, 45, 32
+    """Three chunks of 64 (the last one partial), so state passing and tile pairs are both exercised."""
+    B, H, N, D = 2, 1, 150, 32
     q, k, v = (rand(B, H, N, D, seed=s) for s in range(3))
     g = {"none": None, "scalar": -rand(B, H, N, seed=5).abs(), "channel": -rand(B, H, N, D, seed=6).abs(),
          "strong": torch.full((B, H, N, D), -20.0, device=DEVICE)}[decay]
     s0 = rand(B, H, D, D, seed=7)
-    seg = segments(B, N) if with_docs else None
+    seg = linear_segments(B, N) if with_docs else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)] + ([g.clone().requires_grad_()] if g is not None
                                                                      else [])
     results = []
@@ -95,6 +105,15 @@ def test_flash_attention_bf16_on_gpu():
     out, lse = flash.attention_forward(q, k, v, scale=128 ** -0.5)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out.to(torch.bfloat16), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")
+def test_linear_attention_bf16_on_gpu():
+    q, k, v = (rand(2, 4, 4096, 128, seed=s, dtype=torch.bfloat16) * 0.3 for s in range(3))
+    g = torch.nn.functional.logsigmoid(rand(2, 4, 4096, 128, seed=3)) / 16
+    out, _ = linear_attention(q, k, v, log_decay=g, backend="triton")
+    ref, _ = linear_attention(q.float(), k.float(), v.float(), log_decay=g, backend="torch")
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_trainer_selects_the_triton_backend(tmp_path):

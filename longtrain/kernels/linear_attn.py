@@ -1,241 +1,362 @@
 """Chunked gated linear attention in Triton: state in, outputs and final state out.
 
-One program per (batch, head, Dv block) walks the chunks in order with the [Dk, Dv] state in
-registers: inter-chunk readout (q * exp(b)) @ S, intra-chunk decayed scores, then the state update
-S = diag(exp(b_last)) S + (k * exp(b_last - b))^T v. Every exponent is a decay difference <= 0 inside
-one chunk (the intra-chunk scores are built key row by key row for that reason), so strong decay
-underflows instead of overflowing. Decay may be none, scalar per head or per key channel; document
-starts reset the state. The backward walks the chunks in reverse with the state gradient in registers,
-from the chunk states the forward stored.
+Split like flash-linear-attention's chunk kernels, so only the state recurrence is sequential:
+- `_scan_kernel` walks the CHUNK-token chunks of one (batch, head, Dk block, Dv block) with the state in
+  registers, matmuls only: S <- diag(exp(b_last)) S + (k exp(b_last - b))^T v. Run in reverse on
+  (q, dO) it gives the state gradients.
+- `_output_kernel` and `_grads_kernel` run one SUB-row tile each, in parallel over the whole sequence:
+  readout of the chunk's entering state plus the tile's causal pairs inside its chunk.
+b is the cumulative log decay inside each chunk (precomputed), so every exponent is a difference that is
+<= 0 and strong decay underflows instead of overflowing. With a scalar decay per head the pairs are
+plain tensor-core tiles masked by exp(b_t - b_s). With a decay per key channel, tiles below the diagonal
+factor through the first row r of the query tile, (q exp(b - b_r)) (k exp(b_r - b))^T, both factors <= 1,
+and the diagonal tile is built key row by key row. Document starts reset the state.
 """
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from longtrain.kernels.reference import acc_dtype, resets_from_segments
+from longtrain.kernels.reference import acc_dtype, chunk_inputs, chunk_resets, decay_shape
 
-CHUNK = 16
-
-
-@triton.jit
-def _chunk_fwd_kernel(Q, K, V, G, R, S0, OUT, SN, HS, scale, N, H, DK, DV, sgn, sgk,
-                      HAS_S0: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    b = bh // H
-    offs_t = tl.arange(0, CHUNK)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    k_ok = offs_k < DK
-    v_ok = offs_v < DV
-    qkv_base = bh * N
-    state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-    if HAS_S0:
-        state = tl.load(S0 + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                        mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-    for c0 in range(0, N, CHUNK):
-        if STORE_STATES:
-            tl.store(HS + ((bh * tl.cdiv(N, CHUNK) + c0 // CHUNK) * DK + offs_k[:, None]) * DV + offs_v[None, :],
-                     state, mask=k_ok[:, None] & v_ok[None, :])
-        rows = c0 + offs_t
-        row_ok = rows < N
-        qk_mask = row_ok[:, None] & k_ok[None, :]
-        q = tl.load(Q + (qkv_base + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0) * scale
-        k = tl.load(K + (qkv_base + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0)
-        v = tl.load(V + (qkv_base + rows[:, None]) * DV + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
-                    other=0.0)
-        g = tl.load(G + (qkv_base + rows[:, None]) * sgn + offs_k[None, :] * sgk, mask=qk_mask, other=0.0)
-        resets = tl.load(R + b * N + rows, mask=row_ok, other=0)
-        seen = tl.cumsum(resets, 0)  # document starts so far in this chunk, inclusive
-        from_state = (seen == 0).to(tl.float32)
-        to_state = (seen == tl.max(seen, 0)).to(tl.float32)
-        bcum = tl.cumsum(g, 0)  # [CHUNK, BLOCK_K]
-        b_last = tl.sum(g, 0)  # [BLOCK_K]
-        out = tl.dot(q * tl.exp(bcum) * from_state[:, None], state, input_precision="ieee")
-        b_run = tl.zeros([BLOCK_K], tl.float32)
-        seen_s = tl.zeros([1], tl.int32)
-        for s in range(0, CHUNK):
-            row = c0 + s
-            s_ok = (row + tl.arange(0, 1)) < N  # [1], broadcast against the row's columns
-            k_s = tl.load(K + (qkv_base + row) * DK + offs_k, mask=k_ok & s_ok, other=0.0)
-            v_s = tl.load(V + (qkv_base + row) * DV + offs_v, mask=v_ok & s_ok, other=0.0)
-            b_run += tl.load(G + (qkv_base + row) * sgn + offs_k * sgk, mask=k_ok & s_ok, other=0.0)
-            seen_s += tl.load(R + b * N + row + tl.arange(0, 1), mask=s_ok, other=0)
-            visible = (offs_t >= s) & (seen == seen_s)
-            gap = tl.where(visible[:, None], bcum - b_run[None, :], float("-inf"))
-            score = tl.sum(q * k_s[None, :] * tl.exp(gap), 1)  # [CHUNK]
-            out += score[:, None] * v_s[None, :]
-        tl.store(OUT + (qkv_base + rows[:, None]) * DV + offs_v[None, :], out, mask=row_ok[:, None] & v_ok[None, :])
-        carry = tl.min(from_state, 0)  # 0 once a document starts inside the chunk
-        k_decayed = k * tl.exp(b_last[None, :] - bcum) * to_state[:, None]
-        state = state * (tl.exp(b_last) * carry)[:, None] + tl.dot(tl.trans(k_decayed), v, input_precision="ieee")
-    tl.store(SN + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], state, mask=k_ok[:, None] & v_ok[None, :])
+CHUNK = 64  # state-passing granularity: the recurrence runs once per chunk
+SUB = 16  # rows per intra-chunk tile
 
 
 @triton.jit
-def _chunk_bwd_kernel(Q, K, V, G, R, HS, DO, DSN, DQ, DK_, DV_, DS0, DBL, scale, N, H, DK, DV, sgn, sgk,
-                      HAS_DSN: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Chunks in reverse with dS (the gradient of the state leaving the chunk) in registers.
+def _scan_kernel(X, Y, BC, SEEN, INIT, STATES, FINAL, x_scale, N, NP, H, DK, DV, sbn, sbk,
+                 REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """S <- diag(exp(b_last) carry) S + (x w)^T y over the chunks, storing S before each chunk's update.
 
-    Writes this Dv block's share of dq (w.r.t. scale*q) and dk, its dv, dS0, and per chunk the decay
-    term sum_v dS_out * S_out that belongs to the chunk's last token; the caller sums the Dv blocks and
-    turns q*dq - k*dk into the log-decay gradient.
+    Forward: x = k, y = v, w = exp(b_last - b) for tokens of the chunk's last document; STATES[c] is the
+    state entering chunk c. Reverse: x = q, y = dO, w = scale exp(b) for tokens before the chunk's first
+    document start; STATES[c] is the gradient of the state leaving chunk c, FINAL that of the initial state.
     """
     bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
     b = bh // H
-    n_chunks = tl.cdiv(N, CHUNK)
+    n_chunks = NP // CHUNK
     offs_t = tl.arange(0, CHUNK)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
     kv_mask = k_ok[:, None] & v_ok[None, :]
-    base = bh * N
-    dstate = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
-    if HAS_DSN:
-        dstate = tl.load(DSN + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=kv_mask, other=0.0)
-    for ci in range(0, n_chunks):
-        c = n_chunks - 1 - ci
+    state_offs = offs_k[:, None] * DV + offs_v[None, :]
+    state = tl.zeros([BLOCK_K, BLOCK_V], tl.float32)
+    if HAS_INIT:
+        state = tl.load(INIT + bh * DK * DV + state_offs, mask=kv_mask, other=0.0)
+    for step in range(n_chunks):
+        if REVERSE:
+            c = n_chunks - 1 - step
+        else:
+            c = step
+        if STORE_STATES:
+            tl.store(STATES + (bh * n_chunks + c) * DK * DV + state_offs, state, mask=kv_mask)
         c0 = c * CHUNK
         rows = c0 + offs_t
         row_ok = rows < N
-        qk_mask = row_ok[:, None] & k_ok[None, :]
-        rv_mask = row_ok[:, None] & v_ok[None, :]
-        q = tl.load(Q + (base + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0) * scale
-        k = tl.load(K + (base + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0)
-        v = tl.load(V + (base + rows[:, None]) * DV + offs_v[None, :], mask=rv_mask, other=0.0)
-        do = tl.load(DO + (base + rows[:, None]) * DV + offs_v[None, :], mask=rv_mask, other=0.0)
-        g = tl.load(G + (base + rows[:, None]) * sgn + offs_k[None, :] * sgk, mask=qk_mask, other=0.0)
-        seen = tl.cumsum(tl.load(R + b * N + rows, mask=row_ok, other=0), 0)
-        from_state = (seen == 0).to(tl.float32)
-        to_state = (seen == tl.max(seen, 0)).to(tl.float32)
-        carry = tl.min(from_state, 0)
-        bcum = tl.cumsum(g, 0)
-        b_last = tl.sum(g, 0)
-        state_in = tl.load(HS + ((bh * n_chunks + c) * DK + offs_k[:, None]) * DV + offs_v[None, :], mask=kv_mask,
-                           other=0.0)
-        # the state leaving the chunk: S_out = exp(b_last) carry S_in + (k exp(b_last - b) to)^T v
-        out_decay = tl.exp(b_last[None, :] - bcum) * to_state[:, None]
-        k_out = k * out_decay
-        state_out = state_in * (tl.exp(b_last) * carry)[:, None] + tl.dot(tl.trans(k_out), v, input_precision="ieee")
-        tl.store(DBL + ((pid_v * tl.num_programs(0) + bh) * n_chunks + c) * DK + offs_k,
-                 tl.sum(dstate * state_out, 1), mask=k_ok)
-        dv = tl.dot(k_out, dstate, input_precision="ieee")
-        dk = tl.dot(v, tl.trans(dstate), input_precision="ieee") * out_decay
-        # inter-chunk readout: o += (q exp(b) from) S_in
-        in_decay = tl.exp(bcum) * from_state[:, None]
-        dq = tl.dot(do, tl.trans(state_in), input_precision="ieee") * in_decay
-        dstate = dstate * (tl.exp(b_last) * carry)[:, None] + tl.dot(tl.trans(q * in_decay), do,
-                                                                     input_precision="ieee")
-        # intra-chunk pairs, key row by key row (exponents <= 0)
-        b_run = tl.zeros([BLOCK_K], tl.float32)
-        seen_s = tl.zeros([1], tl.int32)
-        for s in range(0, CHUNK):
-            row = c0 + s
+        x = tl.load(X + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        y = tl.load(Y + (bh * N + rows[:, None]) * DV + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
+                    other=0.0)
+        bc = tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+        b_last = tl.load(BC + (bh * NP + c0 + CHUNK - 1) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+        seen = tl.load(SEEN + b * NP + rows)
+        seen_last = tl.load(SEEN + b * NP + c0 + CHUNK - 1)
+        if REVERSE:
+            w = tl.exp(bc) * (seen == 0).to(tl.float32)[:, None] * x_scale
+        else:
+            w = tl.exp(b_last[None, :] - bc) * (seen == seen_last).to(tl.float32)[:, None]
+        carry = (seen_last == 0).to(tl.float32)
+        update = tl.dot(tl.trans((x * w).to(X.dtype.element_ty)), y, input_precision=PREC)
+        state = state * (tl.exp(b_last) * carry)[:, None] + update
+    tl.store(FINAL + bh * DK * DV + state_offs, state, mask=kv_mask)
+
+
+@triton.jit
+def _output_kernel(Q, K, V, BC, SEEN, STATES, OUT, scale, N, NP, H, DK, DV, sbn, sbk,
+                   PER_KEY: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One SUB-row tile of one Dv block: (q exp(b)) @ S_chunk plus the tile's pairs with earlier keys."""
+    r0 = tl.program_id(0) * SUB
+    bh = tl.program_id(1)
+    b = bh // H
+    c0 = (r0 // CHUNK) * CHUNK
+    dt = Q.dtype.element_ty
+    offs_s = tl.arange(0, SUB)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    rows = r0 + offs_s
+    row_ok = rows < N
+    q = tl.load(Q + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0).to(tl.float32) * scale
+    bq = tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+    seen_q = tl.load(SEEN + b * NP + rows)
+    state = tl.load(STATES + (bh * (NP // CHUNK) + r0 // CHUNK) * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
+                    mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    q_in = q * tl.exp(bq) * (seen_q == 0).to(tl.float32)[:, None]
+    acc = tl.dot(q_in.to(dt), state.to(dt), input_precision=PREC)
+    if PER_KEY:
+        b_ref = tl.load(BC + (bh * NP + r0) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+        q_ref = (q * tl.exp(bq - b_ref[None, :])).to(dt)
+        for j0 in range(c0, r0, SUB):
+            rows_j = j0 + offs_s
+            j_ok = rows_j < N
+            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :], mask=j_ok[:, None] & k_ok[None, :],
+                          other=0.0)
+            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :],
+                          other=0.0)
+            b_j = tl.load(BC + (bh * NP + rows_j[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :],
+                          other=0.0)
+            k_ref = (k_j * tl.exp(b_ref[None, :] - b_j)).to(dt)
+            same_doc = seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :]
+            scores = tl.where(same_doc, tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC), 0.0)
+            acc += tl.dot(scores.to(dt), v_j, input_precision=PREC)
+        for s in range(SUB):  # the diagonal tile, key row by key row
+            row = r0 + s
             s_ok = (row + tl.arange(0, 1)) < N
-            k_s = tl.load(K + (base + row) * DK + offs_k, mask=k_ok & s_ok, other=0.0)
-            v_s = tl.load(V + (base + row) * DV + offs_v, mask=v_ok & s_ok, other=0.0)
-            b_run += tl.load(G + (base + row) * sgn + offs_k * sgk, mask=k_ok & s_ok, other=0.0)
-            seen_s += tl.load(R + b * N + row + tl.arange(0, 1), mask=s_ok, other=0)
-            visible = (offs_t >= s) & (seen == seen_s) & row_ok
-            decay = tl.exp(tl.where(visible[:, None], bcum - b_run[None, :], float("-inf")))  # [CHUNK, BLOCK_K]
-            score = tl.sum(q * k_s[None, :] * decay, 1)  # A[:, s]
-            dscore = tl.where(visible, tl.sum(do * v_s[None, :], 1), 0.0)  # dA[:, s]
-            is_s = (offs_t == s).to(tl.float32)[:, None]
-            dv += is_s * tl.sum(score[:, None] * do, 0)[None, :]
-            dq += dscore[:, None] * k_s[None, :] * decay
-            dk += is_s * tl.sum(dscore[:, None] * q * decay, 0)[None, :]
-        part = (pid_v * tl.num_programs(0) + bh) * N
-        tl.store(DQ + (part + rows[:, None]) * DK + offs_k[None, :], dq, mask=qk_mask)
-        tl.store(DK_ + (part + rows[:, None]) * DK + offs_k[None, :], dk, mask=qk_mask)
-        tl.store(DV_ + (base + rows[:, None]) * DV + offs_v[None, :], dv, mask=rv_mask)
-    tl.store(DS0 + bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], dstate, mask=kv_mask)
-
-
-def kernel_inputs(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, segment_ids: Tensor | None):
-    """fp32 contiguous q, k, v, the decay as [B, H, N, 1 or Dk], and int32 document-start flags [B, N]."""
-    B, H, N, _ = q.shape
-    q, k, v = (t.float().contiguous() for t in (q, k, v))
-    if log_decay is None:
-        g = q.new_zeros(B, H, N, 1)
+            k_s = tl.load(K + (bh * N + row) * DK + offs_k, mask=k_ok & s_ok, other=0.0).to(tl.float32)
+            v_s = tl.load(V + (bh * N + row) * DV + offs_v, mask=v_ok & s_ok, other=0.0).to(tl.float32)
+            b_s = tl.load(BC + (bh * NP + row) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+            visible = (offs_s >= s) & (seen_q == tl.load(SEEN + b * NP + row))
+            decay = tl.exp(tl.where(visible[:, None], bq - b_s[None, :], float("-inf")))
+            acc += tl.sum(q * k_s[None, :] * decay, 1)[:, None] * v_s[None, :]
     else:
-        g = (log_decay[..., None] if log_decay.dim() == 3 else log_decay).float().contiguous()
-    resets = resets_from_segments(segment_ids, N, q.device)
-    resets = torch.zeros(B, N, dtype=torch.int32, device=q.device) if resets is None else resets.int().contiguous()
-    return q, k, v, g, resets
+        bq_row = tl.load(BC + (bh * NP + rows) * sbn)
+        for j0 in range(c0, r0 + SUB, SUB):
+            rows_j = j0 + offs_s
+            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :],
+                          mask=(rows_j[:, None] < N) & k_ok[None, :], other=0.0)
+            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :],
+                          mask=(rows_j[:, None] < N) & v_ok[None, :], other=0.0)
+            visible = (rows[:, None] >= rows_j[None, :]) & (seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :])
+            gap = bq_row[:, None] - tl.load(BC + (bh * NP + rows_j) * sbn)[None, :]
+            scores = tl.dot(q.to(dt), tl.trans(k_j), input_precision=PREC) * tl.exp(tl.where(visible, gap, float("-inf")))
+            acc += tl.dot(scores.to(dt), v_j, input_precision=PREC)
+    tl.store(OUT + (bh * N + rows[:, None]) * DV + offs_v[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
 
 
-def block_sizes(DK: int, DV: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(DK)), min(64, max(16, triton.next_power_of_2(DV)))
+@triton.jit
+def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N, NP, H, DK, DV, sbn, sbk,
+                  PER_KEY: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dq (w.r.t. scale q) and dk of one SUB-row tile from one Dv block (partials the caller sums), and its dv.
+
+    State terms use the chunk's entering state and the gradient of its leaving state; pair terms take the
+    tile as queries against earlier key tiles (dq) and as keys against later query tiles (dk, dv).
+    """
+    r0 = tl.program_id(0) * SUB
+    bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b = bh // H
+    c0 = (r0 // CHUNK) * CHUNK
+    dt = Q.dtype.element_ty
+    offs_s = tl.arange(0, SUB)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    rows = r0 + offs_s
+    row_ok = rows < N
+    qk_mask = row_ok[:, None] & k_ok[None, :]
+    rv_mask = row_ok[:, None] & v_ok[None, :]
+    q = tl.load(Q + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32) * scale
+    k = tl.load(K + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+    v = tl.load(V + (bh * N + rows[:, None]) * DV + offs_v[None, :], mask=rv_mask, other=0.0)
+    do = tl.load(DO + (bh * N + rows[:, None]) * DV + offs_v[None, :], mask=rv_mask, other=0.0)
+    bq = tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+    b_last = tl.load(BC + (bh * NP + c0 + CHUNK - 1) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+    seen_q = tl.load(SEEN + b * NP + rows)
+    seen_last = tl.load(SEEN + b * NP + c0 + CHUNK - 1)
+    state_offs = (bh * (NP // CHUNK) + r0 // CHUNK) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    state_in = tl.load(STATES + state_offs, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(dt)
+    dstate_out = tl.load(DSTATES + state_offs, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(dt)
+    in_w = tl.exp(bq) * (seen_q == 0).to(tl.float32)[:, None]
+    out_w = tl.exp(b_last[None, :] - bq) * (seen_q == seen_last).to(tl.float32)[:, None]
+    dq = tl.dot(do, tl.trans(state_in), input_precision=PREC) * in_w
+    dk = tl.dot(v, tl.trans(dstate_out), input_precision=PREC) * out_w
+    dv = tl.dot((k * out_w).to(dt), dstate_out, input_precision=PREC)
+    if PER_KEY:
+        b_ref = tl.load(BC + (bh * NP + r0) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+        for j0 in range(c0, r0, SUB):  # earlier key tiles -> dq
+            rows_j = j0 + offs_s
+            j_ok = rows_j < N
+            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :], mask=j_ok[:, None] & k_ok[None, :],
+                          other=0.0)
+            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :],
+                          other=0.0)
+            b_j = tl.load(BC + (bh * NP + rows_j[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :],
+                          other=0.0)
+            same_doc = seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :]
+            dscores = tl.where(same_doc, tl.dot(do, tl.trans(v_j), input_precision=PREC), 0.0)
+            k_ref = (k_j * tl.exp(b_ref[None, :] - b_j)).to(dt)
+            dq += tl.dot(dscores.to(dt), k_ref, input_precision=PREC) * tl.exp(bq - b_ref[None, :])
+        for m0 in range(r0 + SUB, c0 + CHUNK, SUB):  # later query tiles -> dk, dv
+            rows_m = m0 + offs_s
+            m_ok = rows_m < N
+            q_m = tl.load(Q + (bh * N + rows_m[:, None]) * DK + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                          other=0.0).to(tl.float32) * scale
+            do_m = tl.load(DO + (bh * N + rows_m[:, None]) * DV + offs_v[None, :],
+                           mask=m_ok[:, None] & v_ok[None, :], other=0.0)
+            b_m = tl.load(BC + (bh * NP + rows_m[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :],
+                          other=0.0)
+            b_ref_m = tl.load(BC + (bh * NP + m0) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+            q_ref = (q_m * tl.exp(b_m - b_ref_m[None, :])).to(dt)
+            k_decay = tl.exp(b_ref_m[None, :] - bq)
+            same_doc = tl.load(SEEN + b * NP + rows_m)[:, None] == seen_q[None, :]
+            scores = tl.where(same_doc, tl.dot(q_ref, tl.trans((k * k_decay).to(dt)), input_precision=PREC), 0.0)
+            dv += tl.dot(tl.trans(scores.to(dt)), do_m, input_precision=PREC)
+            dscores = tl.where(same_doc, tl.dot(do_m, tl.trans(v), input_precision=PREC), 0.0)
+            dk += tl.dot(tl.trans(dscores.to(dt)), q_ref, input_precision=PREC) * k_decay
+        do32 = do.to(tl.float32)
+        for s in range(SUB):  # the diagonal tile, key row by key row
+            row = r0 + s
+            s_ok = (row + tl.arange(0, 1)) < N
+            k_s = tl.load(K + (bh * N + row) * DK + offs_k, mask=k_ok & s_ok, other=0.0).to(tl.float32)
+            v_s = tl.load(V + (bh * N + row) * DV + offs_v, mask=v_ok & s_ok, other=0.0).to(tl.float32)
+            b_s = tl.load(BC + (bh * NP + row) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
+            visible = (offs_s >= s) & (seen_q == tl.load(SEEN + b * NP + row))
+            decay = tl.exp(tl.where(visible[:, None], bq - b_s[None, :], float("-inf")))  # [SUB, BLOCK_K]
+            score = tl.sum(q * k_s[None, :] * decay, 1)  # A[:, s]
+            dscore = tl.where(visible, tl.sum(do32 * v_s[None, :], 1), 0.0)  # dA[:, s]
+            is_s = (offs_s == s)[:, None]
+            dv += tl.where(is_s, tl.sum(score[:, None] * do32, 0)[None, :], 0.0)
+            dq += dscore[:, None] * k_s[None, :] * decay
+            dk += tl.where(is_s, tl.sum(dscore[:, None] * q * decay, 0)[None, :], 0.0)
+    else:
+        bq_row = tl.load(BC + (bh * NP + rows) * sbn)
+        for j0 in range(c0, r0 + SUB, SUB):  # key tiles up to this one -> dq
+            rows_j = j0 + offs_s
+            j_ok = rows_j < N
+            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :], mask=j_ok[:, None] & k_ok[None, :],
+                          other=0.0)
+            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :],
+                          other=0.0)
+            visible = (rows[:, None] >= rows_j[None, :]) & (seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :])
+            gap = bq_row[:, None] - tl.load(BC + (bh * NP + rows_j) * sbn)[None, :]
+            dscores = tl.dot(do, tl.trans(v_j), input_precision=PREC) * tl.exp(tl.where(visible, gap, float("-inf")))
+            dq += tl.dot(dscores.to(dt), k_j, input_precision=PREC)
+        for m0 in range(r0, c0 + CHUNK, SUB):  # query tiles from this one on -> dk, dv
+            rows_m = m0 + offs_s
+            m_ok = rows_m < N
+            q_m = tl.load(Q + (bh * N + rows_m[:, None]) * DK + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                          other=0.0).to(tl.float32) * scale
+            do_m = tl.load(DO + (bh * N + rows_m[:, None]) * DV + offs_v[None, :],
+                           mask=m_ok[:, None] & v_ok[None, :], other=0.0)
+            visible = (rows_m[:, None] >= rows[None, :]) & (tl.load(SEEN + b * NP + rows_m)[:, None] == seen_q[None, :])
+            gap = tl.load(BC + (bh * NP + rows_m) * sbn)[:, None] - bq_row[None, :]
+            decay = tl.exp(tl.where(visible, gap, float("-inf")))  # [query tile, this tile]
+            scores = tl.dot(q_m.to(dt), tl.trans(k.to(dt)), input_precision=PREC) * decay
+            dv += tl.dot(tl.trans(scores.to(dt)), do_m, input_precision=PREC)
+            dscores = tl.dot(do_m, tl.trans(v), input_precision=PREC) * decay
+            dk += tl.dot(tl.trans(dscores.to(dt)), q_m.to(dt), input_precision=PREC)
+    part = (pid_v * tl.num_programs(1) + bh) * N
+    tl.store(DQ + (part + rows[:, None]) * DK + offs_k[None, :], dq, mask=qk_mask)
+    tl.store(DK_ + (part + rows[:, None]) * DK + offs_k[None, :], dk, mask=qk_mask)
+    tl.store(DV_ + (bh * N + rows[:, None]) * DV + offs_v[None, :], dv, mask=rv_mask)
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, segment_ids: Tensor | None):
+    """Contiguous q, k, v (fp64 runs as fp32), the cumulative log decay inside each chunk [B, H, NP, 1 or Dk]
+    and the document starts seen so far inside each chunk [B, NP] (int32); NP pads N to whole chunks."""
+    B, H, N, _ = q.shape
+    if q.dtype == torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous()
+    bc = chunk_inputs(decay_shape(log_decay, q).float(), CHUNK).cumsum(3).flatten(2, 3).contiguous()
+    seen = chunk_resets(segment_ids, N, CHUNK, q.device)
+    seen = torch.zeros(B, bc.shape[2], dtype=torch.int32, device=q.device) if seen is None else \
+        seen.reshape(B, -1).int().contiguous()
+    return q, k, v, bc, seen
+
+
+def _meta(q: Tensor, bc: Tensor) -> dict:
+    return dict(sbn=bc.shape[-1], sbk=1 if bc.shape[-1] > 1 else 0,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _scan(x: Tensor, y: Tensor, bc: Tensor, seen: Tensor, init: Tensor | None, x_scale: float, reverse: bool,
+          store_states: bool) -> tuple[Tensor | None, Tensor]:
+    """(per-chunk states [B, H, NC, Dk, Dv] or None, final [B, H, Dk, Dv]), fp32; see _scan_kernel."""
+    B, H, N, DK = x.shape
+    DV, NP = y.shape[-1], bc.shape[2]
+    final = torch.empty(B, H, DK, DV, device=x.device, dtype=torch.float32)
+    states = torch.empty(B, H, NP // CHUNK, DK, DV, device=x.device, dtype=torch.float32) if store_states else None
+    block_k, block_v = min(64, max(16, triton.next_power_of_2(DK))), min(64, max(16, triton.next_power_of_2(DV)))
+    grid = (B * H, triton.cdiv(DK, block_k), triton.cdiv(DV, block_v))
+    _scan_kernel[grid](x, y, bc, seen, final if init is None else init.float().contiguous(),
+                       final if states is None else states, final, x_scale, N, NP, H, DK, DV,
+                       REVERSE=reverse, HAS_INIT=init is not None, STORE_STATES=store_states, CHUNK=CHUNK,
+                       BLOCK_K=block_k, BLOCK_V=block_v, **_meta(x, bc))
+    return states, final
+
+
+def _tile_grid(q: Tensor, bc: Tensor, DV: int) -> tuple[tuple, dict]:
+    B, H, _, DK = q.shape
+    block_v = min(64, max(16, triton.next_power_of_2(DV)))
+    grid = (bc.shape[2] // SUB, B * H, triton.cdiv(DV, block_v))
+    return grid, dict(PER_KEY=bc.shape[-1] > 1, CHUNK=CHUNK, SUB=SUB,
+                      BLOCK_K=max(16, triton.next_power_of_2(DK)), BLOCK_V=block_v, **_meta(q, bc))
 
 
 def chunk_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, log_decay: Tensor | None,
-                  initial_state: Tensor | None, segment_ids: Tensor | None,
-                  store_states: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(out [B, H, N, Dv], final_state [B, H, Dk, Dv], states entering each chunk or None), all fp32."""
-    B, H, N, DK = q.shape
-    DV = v.shape[-1]
-    q, k, v, g, resets = kernel_inputs(q, k, v, log_decay, segment_ids)
-    out = torch.empty(B, H, N, DV, device=q.device, dtype=torch.float32)
-    final = torch.empty(B, H, DK, DV, device=q.device, dtype=torch.float32)
-    states = torch.empty(B, H, triton.cdiv(N, CHUNK), DK, DV, device=q.device, dtype=torch.float32) \
-        if store_states else final
-    s0 = initial_state.float().contiguous() if initial_state is not None else final
-    block_k, block_v = block_sizes(DK, DV)
-    _chunk_fwd_kernel[(B * H, triton.cdiv(DV, block_v))](
-        q, k, v, g, resets, s0, out, final, states, scale, N, H, DK, DV, g.shape[-1], 1 if g.shape[-1] > 1 else 0,
-        HAS_S0=initial_state is not None, STORE_STATES=store_states, CHUNK=CHUNK, BLOCK_K=block_k, BLOCK_V=block_v)
-    return out, final, (states if store_states else None)
+                  initial_state: Tensor | None, segment_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(out [B, H, N, Dv] in q's dtype, final_state [B, H, Dk, Dv] fp32): the state scan, then the output tiles."""
+    B, H, N, _ = q.shape
+    q, k, v, bc, seen = _prepare(q, k, v, log_decay, segment_ids)
+    states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False, store_states=True)
+    out = torch.empty(B, H, N, v.shape[-1], device=q.device, dtype=q.dtype)
+    grid, meta = _tile_grid(q, bc, v.shape[-1])
+    _output_kernel[grid](q, k, v, bc, seen, states, out, scale, N, bc.shape[2], H, q.shape[-1], v.shape[-1], **meta)
+    return out, final
 
 
-def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, segment_ids: Tensor | None,
-                   states: Tensor, dout: Tensor, dfinal: Tensor | None, scale: float):
-    """(dq, dk, dv, dlog_decay or None, dinitial_state), fp32, from the reverse-chunk kernel."""
+def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, initial_state: Tensor | None,
+                   segment_ids: Tensor | None, dout: Tensor, dfinal: Tensor | None, scale: float):
+    """(dq, dk, dv, dlog_decay or None, dinitial_state), fp32. Recomputes the chunk states (as fla does)."""
     B, H, N, DK = q.shape
-    DV = v.shape[-1]
-    q, k, v, g, resets = kernel_inputs(q, k, v, log_decay, segment_ids)
-    block_k, block_v = block_sizes(DK, DV)
-    nv, nc = triton.cdiv(DV, block_v), triton.cdiv(N, CHUNK)
-    dq_parts = torch.empty(nv, B, H, N, DK, device=q.device, dtype=torch.float32)
+    q, k, v, bc, seen = _prepare(q, k, v, log_decay, segment_ids)
+    DV, NP = v.shape[-1], bc.shape[2]
+    dout = dout.to(q.dtype).contiguous()
+    states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False, store_states=True)
+    dstates, ds0 = _scan(q, dout, bc, seen, dfinal, scale, reverse=True, store_states=True)
+    grid, meta = _tile_grid(q, bc, DV)
+    dq_parts = torch.empty(grid[2], B, H, N, DK, device=q.device, dtype=torch.float32)
     dk_parts = torch.empty_like(dq_parts)
     dv = torch.empty(B, H, N, DV, device=q.device, dtype=torch.float32)
-    ds0 = torch.empty(B, H, DK, DV, device=q.device, dtype=torch.float32)
-    last_terms = torch.empty(nv, B, H, nc, DK, device=q.device, dtype=torch.float32)
-    dfinal = dfinal.float().contiguous() if dfinal is not None else ds0
-    _chunk_bwd_kernel[(B * H, nv)](
-        q, k, v, g, resets, states, dout.float().contiguous(), dfinal, dq_parts, dk_parts, dv, ds0, last_terms,
-        scale, N, H, DK, DV, g.shape[-1], 1 if g.shape[-1] > 1 else 0, HAS_DSN=dfinal is not ds0, CHUNK=CHUNK,
-        BLOCK_K=block_k, BLOCK_V=block_v)
+    _grads_kernel[grid](q, k, v, bc, seen, states, dstates, dout, dq_parts, dk_parts, dv, scale, N, NP, H, DK, DV,
+                        **meta)
     dq_scaled, dk = dq_parts.sum(0), dk_parts.sum(0)
     dg = None
     if log_decay is not None:
-        # d(cumulative decay b_t) = q_t dq_t - k_t dk_t, plus sum_v dS_out * S_out at each chunk's last token
-        db = q * scale * dq_scaled - k * dk
-        last = torch.clamp(torch.arange(1, nc + 1, device=q.device) * CHUNK, max=N) - 1
-        db[:, :, last] += last_terms.sum(0)
-        db = torch.nn.functional.pad(db, (0, 0, 0, nc * CHUNK - N)).view(B, H, nc, CHUNK, DK)
-        dg = db.flip(3).cumsum(3).flip(3).reshape(B, H, nc * CHUNK, DK)[:, :, :N]  # b is a cumsum of g per chunk
+        # d b_t = q_t dq_t - k_t dk_t, plus sum_v dS_out * S_out at each chunk's last row; g -> b is a cumsum
+        db = q.float() * scale * dq_scaled - k.float() * dk
+        db = chunk_inputs(db, CHUNK)  # [B, H, NC, CHUNK, DK]
+        states_out = torch.cat([states[:, :, 1:], final[:, :, None]], 2)
+        db[:, :, :, -1] += (dstates * states_out).sum(-1)
+        dg = db.flip(3).cumsum(3).flip(3).flatten(2, 3)[:, :, :N]
         dg = dg.sum(-1) if log_decay.dim() == 3 else dg
     return dq_scaled * scale, dk, dv, dg, ds0
 
 
 class ChunkedLinearAttention(torch.autograd.Function):
-    """Triton forward (storing each chunk's entering state) and Triton reverse-chunk backward."""
+    """Triton forward and backward; the backward recomputes the chunk states instead of saving them."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, segment_ids, scale):
-        out, final, states = chunk_forward(q, k, v, scale, log_decay, initial_state, segment_ids, store_states=True)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, segment_ids, states)
+        out, final = chunk_forward(q, k, v, scale, log_decay, initial_state, segment_ids)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, segment_ids)
         ctx.scale = scale
         return out.to(q.dtype), final.to(acc_dtype(q))
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        q, k, v, log_decay, initial_state, segment_ids, states = ctx.saved_tensors
-        dq, dk, dv, dg, ds0 = chunk_backward(q, k, v, log_decay, segment_ids, states, dout, dfinal, ctx.scale)
+        q, k, v, log_decay, initial_state, segment_ids = ctx.saved_tensors
+        dq, dk, dv, dg, ds0 = chunk_backward(q, k, v, log_decay, initial_state, segment_ids, dout, dfinal,
+                                             ctx.scale)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(log_decay.dtype),
                 None if initial_state is None else ds0.to(initial_state.dtype), None, None)
 
