@@ -53,6 +53,22 @@ def test_flash_attention_matches_reference(case, head_dim):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("q_start", [0, 40])
+def test_flash_attention_wide_window_has_unmasked_interior_tiles(q_start):
+    """N=256, window 150: tiles inside both the causal and the window edge take the unmasked path."""
+    q = rand(1, 1, 256, 32, seed=1)
+    k, v = rand(1, 1, 256 + q_start, 32, seed=2), rand(1, 1, 256 + q_start, 32, seed=3)
+    opts = dict(scale=0.2, causal=True, window=150, q_start=q_start)
+    out, lse = flash.attention_forward(q, k, v, **opts)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, **opts)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    dout = rand(*out.shape, seed=4)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, **opts)
+    for name, got, want in zip("qkv", grads, reference.attention_backward(dout, q, k, v, ref_out, ref_lse, **opts)):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
 def test_public_op_with_triton_backend_runs_autograd():
     q, k, v = (rand(1, 2, 80, 32, seed=s).requires_grad_() for s in range(3))
     outs = []

@@ -3,9 +3,13 @@
 Same signatures as reference.attention_forward / attention_backward: global offsets q_start/k_start
 (a ring block is a rectangle of the global causal mask), sliding window, segment ids, GQA without
 repeating K/V, any head dim up to 256, fp32 accumulation. Only the key (or query) tiles that the
-causal/window mask leaves visible are visited. kind="sigmoid" runs sigmoid attention in the same kernels.
+causal/window mask leaves visible are visited, and only the tiles on a mask edge (or every tile, with
+documents) compute the mask. Softmax runs in base 2 with log2(e) folded into the scale. On a GPU the
+autotuner picks tile sizes, warps and pipeline stages per shape; the interpreter runs one small config.
+kind="sigmoid" runs sigmoid attention in the same kernels.
 """
 import math
+import os
 
 import torch
 import triton
@@ -14,8 +18,20 @@ from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype
 
-BLOCK_M = 64
-BLOCK_N = 64
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+TUNE_KEY = ["Nq", "Nk", "D", "CAUSAL", "WINDOW", "HAS_SEG", "SIGMOID"]
+# (BLOCK_M, BLOCK_N, warps, stages) candidates; BLOCK_M is the query tile, BLOCK_N the key tile
+FWD_BLOCKS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)]
+DKDV_BLOCKS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
+DQ_BLOCKS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]
+
+
+def _configs(blocks: list[tuple[int, int, int, int]]) -> list:
+    """Autotune candidates on a GPU; one config in the interpreter, where timing means nothing."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in blocks]
 
 
 @triton.jit
@@ -37,19 +53,82 @@ def _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, qseg_ptr, kseg_ptr, b,
 
 
 @triton.jit
-def _key_range(m_lo, m_hi, q_start, k_start, Nk, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """[lo, hi) of key indices that queries [m_lo, m_hi) may see, lo aligned to BLOCK."""
+def _key_ranges(m_lo, m_hi, q_start, k_start, Nk, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
+    """Key tiles that queries [m_lo, m_hi) may see, [lo, hi), and the interior [full_lo, full_hi) of tiles
+    every one of those queries sees whole (no mask needed); all starts aligned to BLOCK."""
     lo = 0
     hi = Nk
+    full_lo = 0
+    full_hi = (Nk // BLOCK) * BLOCK
     if CAUSAL:
         hi = tl.minimum(Nk, tl.maximum(0, q_start + m_hi - k_start))
+        full_hi = (tl.minimum(Nk, tl.maximum(0, q_start + m_lo + 1 - k_start)) // BLOCK) * BLOCK
     if WINDOW > 0:
-        lo = tl.maximum(0, q_start + m_lo - WINDOW + 1 - k_start)
-        lo = (lo // BLOCK) * BLOCK
-    return lo, hi
+        lo = (tl.maximum(0, q_start + m_lo - WINDOW + 1 - k_start) // BLOCK) * BLOCK
+        full_lo = tl.cdiv(tl.maximum(0, q_start + m_hi - WINDOW - k_start), BLOCK) * BLOCK
+    if HAS_SEG:
+        full_lo = hi
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def _query_ranges(n_lo, n_hi, q_start, k_start, Nq, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
+    """Query tiles that may see keys [n_lo, n_hi), [lo, hi), and the interior [full_lo, full_hi) of tiles
+    that see all of those keys; rows past Nq or keys past Nk add nothing to dK, dV, so need no mask."""
+    lo = 0
+    hi = Nq
+    full_lo = 0
+    full_hi = Nq
+    if CAUSAL:
+        lo = (tl.maximum(0, k_start + n_lo - q_start) // BLOCK) * BLOCK
+        full_lo = tl.cdiv(tl.maximum(0, k_start + n_hi - 1 - q_start), BLOCK) * BLOCK
+    if WINDOW > 0:
+        hi = tl.minimum(Nq, tl.maximum(0, k_start + n_hi + WINDOW - 1 - q_start))
+        full_hi = (tl.maximum(0, k_start + n_lo + WINDOW - q_start) // BLOCK) * BLOCK
+    if HAS_SEG:
+        full_lo = hi
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, offs_m, offs_d, d_ok, qk_scale, sig_bias,
+               q_start, k_start, Nq, Nk, QSEG, KSEG, b, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Accumulate key tiles [lo, hi): online softmax in base 2 (scores carry log2(e)), or sigmoid."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
+        if MASKED:
+            mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
+        if SIGMOID:
+            p = tl.sigmoid(s + sig_bias)
+            if MASKED:
+                p = tl.where(mask, p, 0.0)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+        else:
+            if MASKED:
+                s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(FWD_BLOCKS), key=TUNE_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start, Nq, Nk, Hq, G, D,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -65,42 +144,90 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_st
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                 mask=(offs_m[:, None] < Nq) & d_ok[None, :], other=0.0)
+    qk_scale = sm_scale
+    if not SIGMOID:
+        qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nk, CAUSAL, WINDOW, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * sm_scale
-        mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
-        if SIGMOID:
-            p = tl.where(mask, tl.sigmoid(s + sig_bias), 0.0)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-        else:
-            s = tl.where(mask, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-            m_i = m_new
+    K = K + b * skb + hk * skh
+    V = V + b * svb + hk * svh
+    lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nk,
+                                           CAUSAL, WINDOW, HAS_SEG, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, full_lo, offs_m, offs_d, d_ok, qk_scale,
+                               sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW, HAS_SEG,
+                               SIGMOID, PREC, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, full_lo, full_hi, offs_m, offs_d, d_ok, qk_scale,
+                               sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, False, CAUSAL, WINDOW, HAS_SEG,
+                               SIGMOID, PREC, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, full_hi, hi, offs_m, offs_d, d_ok, qk_scale,
+                               sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW, HAS_SEG,
+                               SIGMOID, PREC, BLOCK_N)
     if not SIGMOID:
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
     tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc,
              mask=(offs_m[:, None] < Nq) & d_ok[None, :])
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, offs_m, m_ok, SIGMOID: tl.constexpr):
+    """(base-2 lse, delta) of query rows; sigmoid attention has neither (zeros, nothing read)."""
+    if SIGMOID:
+        lse2 = tl.zeros(offs_m.shape, tl.float32)
+        delta = tl.zeros(offs_m.shape, tl.float32)
+    else:
+        lse2 = tl.load(LSE + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse2, delta, sm_scale, sig_bias, mask, MASKED: tl.constexpr,
+                       SIGMOID: tl.constexpr, PREC: tl.constexpr):
+    """(P, dS) of one tile from the saved base-2 lse (softmax) or the recomputed sigmoid; masked pairs 0."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
+    if SIGMOID:
+        p = tl.sigmoid(s * sm_scale + sig_bias)
+        ds = dp * p * (1.0 - p)
+    else:
+        p = tl.exp2(s * (sm_scale * LOG2E) - lse2[:, None])
+        ds = p * (dp - delta[:, None])
+    if MASKED:
+        p = tl.where(mask, p, 0.0)
+        ds = tl.where(mask, ds, 0.0)
+    return p, ds
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdn, lo, hi, offs_n, offs_d, d_ok, sm_scale, sig_bias,
+                q_start, k_start, Nq, Nk, QSEG, KSEG, b, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Accumulate one query head's tiles [lo, hi) into the key tile's dK, dV."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Nq
+        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse2, delta = _row_stats(LSE, DELTA, offs_m, m_ok, SIGMOID)
+        mask = None
+        if MASKED:
+            mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
+        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, sm_scale, sig_bias, mask, MASKED, SIGMOID, PREC)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(tl.float32)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(tl.float32)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(DKDV_BLOCKS), key=TUNE_KEY)
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start,
                      Nq, Nk, Hkv, G, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV of one key tile, summed over the G query heads that share it and every visible query tile."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -114,46 +241,52 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, sm_scale, sig_
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
-    hi = Nq
-    if CAUSAL:
-        lo = tl.maximum(0, k_start + pid_n * BLOCK_N - q_start)
-        lo = (lo // BLOCK_M) * BLOCK_M
-    if WINDOW > 0:
-        hi = tl.minimum(Nq, tl.maximum(0, k_start + pid_n * BLOCK_N + BLOCK_N + WINDOW - 1 - q_start))
+    lo, full_lo, full_hi, hi = _query_ranges(pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, q_start, k_start, Nq,
+                                             CAUSAL, WINDOW, HAS_SEG, BLOCK_M)
     for g in range(G):
         h = hk * G + g
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Nq
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * sm_scale
-            mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
-            if SIGMOID:
-                p = tl.sigmoid(s + sig_bias)
-                ds = dp * p * (1.0 - p)
-            else:
-                lse = tl.load(LSE + (b * Hkv * G + h) * Nq + offs_m, mask=m_ok, other=float("inf"))
-                delta = tl.load(DELTA + (b * Hkv * G + h) * Nq + offs_m, mask=m_ok, other=0.0)
-                p = tl.exp(tl.where(mask, s, float("-inf")) - lse[:, None])
-                ds = p * (dp - delta[:, None])
-            p = tl.where(mask, p, 0.0)
-            ds = tl.where(mask, ds, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(tl.float32)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(tl.float32) * sm_scale
-    tl.store(DK + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], dk, mask=kv_ok)
+        q_h = Q + b * sqb + h * sqh
+        do_h = DO + b * sdb + h * sdh
+        lse_h = LSE + (b * Hkv * G + h) * Nq
+        delta_h = DELTA + (b * Hkv * G + h) * Nq
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_h, do_h, lse_h, delta_h, sqn, sdn, lo, full_lo, offs_n, offs_d, d_ok,
+                             sm_scale, sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW,
+                             HAS_SEG, SIGMOID, PREC, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_h, do_h, lse_h, delta_h, sqn, sdn, full_lo, full_hi, offs_n, offs_d,
+                             d_ok, sm_scale, sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, False, CAUSAL, WINDOW,
+                             HAS_SEG, SIGMOID, PREC, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_h, do_h, lse_h, delta_h, sqn, sdn, full_hi, hi, offs_n, offs_d, d_ok,
+                             sm_scale, sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW,
+                             HAS_SEG, SIGMOID, PREC, BLOCK_M)
+    tl.store(DK + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], dk * sm_scale, mask=kv_ok)
     tl.store(DV + bh * Nk * D + offs_n[:, None] * D + offs_d[None, :], dv, mask=kv_ok)
 
 
 @triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, hi, offs_m, offs_d, d_ok, sm_scale, sig_bias,
+              q_start, k_start, Nq, Nk, QSEG, KSEG, b, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Accumulate key tiles [lo, hi) into the query tile's dQ."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        mask = None
+        if MASKED:
+            mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
+        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, sm_scale, sig_bias, mask, MASKED, SIGMOID, PREC)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(tl.float32)
+    return dq
+
+
+@triton.autotune(configs=_configs(DQ_BLOCKS), key=TUNE_KEY)
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start,
                    Nq, Nk, Hq, G, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of one query tile over every visible key tile."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -168,27 +301,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, sm_scale, sig_bias, 
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
                  mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
+    lse2, delta = _row_stats(LSE + bh * Nq, DELTA + bh * Nq, offs_m, m_ok, SIGMOID)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nk, CAUSAL, WINDOW, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * sm_scale
-        mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
-        if SIGMOID:
-            p = tl.sigmoid(s + sig_bias)
-            ds = dp * p * (1.0 - p)
-        else:
-            p = tl.exp(tl.where(mask, s, float("-inf")) - lse[:, None])
-            ds = p * (dp - delta[:, None])
-        ds = tl.where(mask, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(tl.float32) * sm_scale
-    tl.store(DQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :])
+    lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nk,
+                                           CAUSAL, WINDOW, HAS_SEG, BLOCK_N)
+    K = K + b * skb + hk * skh
+    V = V + b * svb + hk * svh
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, full_lo, offs_m, offs_d, d_ok, sm_scale, sig_bias,
+                   q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW, HAS_SEG, SIGMOID, PREC, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, full_lo, full_hi, offs_m, offs_d, d_ok, sm_scale,
+                   sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, False, CAUSAL, WINDOW, HAS_SEG, SIGMOID, PREC,
+                   BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, full_hi, hi, offs_m, offs_d, d_ok, sm_scale, sig_bias,
+                   q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW, HAS_SEG, SIGMOID, PREC, BLOCK_N)
+    tl.store(DQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], dq * sm_scale,
+             mask=m_ok[:, None] & d_ok[None, :])
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, q_seg: Tensor | None, k_seg: Tensor | None):
@@ -204,7 +331,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, q_seg: Tensor | None, k_seg: Tenso
 def _meta(q: Tensor, causal: bool, window: int | None, has_seg: bool, kind: str) -> dict:
     return dict(CAUSAL=causal, WINDOW=window or 0, HAS_SEG=has_seg, SIGMOID=kind == "sigmoid",
                 PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
+                BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = True,
@@ -217,7 +344,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     q, k, v, (qs, ks) = _prepare(q, k, v, q_seg, k_seg)
     out = torch.empty(B, Hq, Nq, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     _fwd_kernel[grid](q, k, v, out, lse, qs, ks, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                       **_meta(q, causal, window, q_seg is not None, kind))
@@ -248,10 +375,10 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dv = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
     meta = _meta(q, causal, window, q_seg is not None, kind)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    _bwd_dkdv_kernel[(triton.cdiv(Nk, BLOCK_N), B * Hkv)](
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, qs, ks, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hkv, Hq // Hkv, D,
         *strides, **meta)
-    _bwd_dq_kernel[(triton.cdiv(Nq, BLOCK_M), B * Hq)](
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)](
         q, k, v, dout, lse, delta, dq, qs, ks, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
         *strides, **meta)
     dt = acc_dtype(q)
