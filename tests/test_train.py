@@ -11,7 +11,7 @@ import torch
 from longtrain.parallel.spawn import run_distributed
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from longtrain.attention import AttnContext
+from longtrain.attention import LINEAR_FAMILY, AttnContext
 from longtrain.config import load_config
 from longtrain.trainer.model import LM
 from longtrain.trainer.train import Trainer, train
@@ -115,6 +115,25 @@ def test_packed_documents_do_not_see_each_other(pattern):
     packed = model(tokens, AttnContext(torch.arange(30), 30, seg))
     alone = model(tokens[:, 11:], AttnContext(torch.arange(19), 30))
     torch.testing.assert_close(packed[:, 11:], alone, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["softmax", "gated_softmax", "linear", "retention,softmax"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_per_token_matches_counted_matmul_flops(pattern, tied):
+    """flops_per_token / 3 is the forward: torch's FLOP counter on a real forward pass, less the masked half
+    of the square tiles the reference computes in full (N x N at N <= its block, C x C per linear chunk)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    N = 128
+    cfg = load_config(None, ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", f"model.pattern={pattern}",
+                             "model.vocab_size=96", f"model.tie_embeddings={tied}"]).model
+    model = LM(cfg)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randint(0, 96, (2, N)), AttnContext.single(N))
+    counted_per_token = counter.get_total_flops() / (2 * N)
+    # q k^T and p v over a full tile: 2 * 2 * tile * d per token per layer, of which causality uses half
+    masked_half = sum(2 * (cfg.chunk_size if name in LINEAR_FAMILY else N) * cfg.d_model for name in model.mixers)
+    assert model.flops_per_token(N) / 3 == pytest.approx(counted_per_token - masked_half, rel=1e-9)
 
 
 SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", "zeco", "allgather", "contiguous"),

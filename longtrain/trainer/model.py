@@ -72,9 +72,14 @@ class LM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 
+    def matmul_params(self) -> int:
+        """Weights that multiply activations: every matrix but the embedding table, which counts when tied (as the head)."""
+        return sum(p.numel() for p in self.parameters()
+                   if p.dim() >= 2 and (p is not self.embed.weight or self.cfg.tie_embeddings))
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * params plus each mixer family's sequence-length term (fwd + bwd)."""
-        flops = 6.0 * self.num_params(non_embedding=False)
+        """Training FLOPs per token: 6 * matmul params plus each mixer family's sequence-length term (fwd + bwd)."""
+        flops = 6.0 * self.matmul_params()
         d, cfg = self.cfg.d_model, self.cfg
         head_dim = d // cfg.n_heads
         for name in self.mixers:
