@@ -123,6 +123,18 @@ def test_flash_attention_bf16_on_gpu():
     torch.testing.assert_close(out.to(torch.bfloat16), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_final_state_hook_sees_the_returned_final_state(backend):
+    """SP algorithms start communicating from this hook, before the output products."""
+    q, k, v = (rand(1, 2, 100, 16, seed=s) for s in range(3))
+    g = -rand(1, 2, 100, 16, seed=4).abs()
+    seen = []
+    out, final = get_backend(backend).linear_attention_chunked(q, k, v, scale=0.25, log_decay=g,
+                                                               output_final_state=True, on_final_state=seen.append)
+    assert len(seen) == 1 and seen[0].dtype == final.dtype and not seen[0].requires_grad
+    torch.testing.assert_close(seen[0], final, atol=0, rtol=0)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")
 def test_linear_attention_bf16_on_gpu():
     q, k, v = (rand(2, 4, 4096, 128, seed=s, dtype=torch.bfloat16) * 0.3 for s in range(3))

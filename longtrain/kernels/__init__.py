@@ -11,7 +11,7 @@ BACKENDS = ("torch", "triton")
 
 
 def get_backend(name: str) -> ModuleType:
-    """The kernel module for `name`: attention_forward/backward, linear_attention_chunked, linear_state_chunked."""
+    """The kernel module for `name`: attention_forward/backward, linear_attention_chunked, the SP steps."""
     if name == "torch":
         return reference
     if name == "triton":

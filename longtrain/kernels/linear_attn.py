@@ -12,6 +12,8 @@ plain tensor-core tiles masked by exp(b_t - b_s). With a decay per key channel, 
 factor through the first row r of the query tile, (q exp(b - b_r)) (k exp(b_r - b))^T, both factors <= 1,
 and the diagonal tile is built key row by key row. Document starts reset the state.
 """
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -303,11 +305,17 @@ def _tile_grid(q: Tensor, bc: Tensor, DV: int) -> tuple[tuple, dict]:
 
 
 def chunk_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, log_decay: Tensor | None,
-                  initial_state: Tensor | None, segment_ids: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(out [B, H, N, Dv] in q's dtype, final_state [B, H, Dk, Dv] fp32): the state scan, then the output tiles."""
+                  initial_state: Tensor | None, segment_ids: Tensor | None,
+                  on_final_state: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+    """(out [B, H, N, Dv] in q's dtype, final_state [B, H, Dk, Dv] fp32): the state scan, then the output tiles.
+
+    on_final_state(final) runs between the two, so communication of the state overlaps the output tiles."""
     B, H, N, _ = q.shape
+    state_dtype = acc_dtype(q)
     q, k, v, bc, seen = _prepare(q, k, v, log_decay, segment_ids)
     states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False, store_states=True)
+    if on_final_state is not None:
+        on_final_state(final.to(state_dtype))
     out = torch.empty(B, H, N, v.shape[-1], device=q.device, dtype=q.dtype)
     grid, meta = _tile_grid(q, bc, v.shape[-1])
     _output_kernel[grid](q, k, v, bc, seen, states, out, scale, N, bc.shape[2], H, q.shape[-1], v.shape[-1], **meta)
@@ -346,8 +354,8 @@ class ChunkedLinearAttention(torch.autograd.Function):
     """Triton forward and backward; the backward recomputes the chunk states instead of saving them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, segment_ids, scale):
-        out, final = chunk_forward(q, k, v, scale, log_decay, initial_state, segment_ids)
+    def forward(ctx, q, k, v, log_decay, initial_state, segment_ids, scale, on_final_state):
+        out, final = chunk_forward(q, k, v, scale, log_decay, initial_state, segment_ids, on_final_state)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, segment_ids)
         ctx.scale = scale
         return out.to(q.dtype), final.to(acc_dtype(q))
@@ -358,13 +366,13 @@ class ChunkedLinearAttention(torch.autograd.Function):
         dq, dk, dv, dg, ds0 = chunk_backward(q, k, v, log_decay, initial_state, segment_ids, dout, dfinal,
                                              ctx.scale)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(log_decay.dtype),
-                None if initial_state is None else ds0.to(initial_state.dtype), None, None)
+                None if initial_state is None else ds0.to(initial_state.dtype), None, None, None)
 
 
 def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, scale: float, log_decay: Tensor | None = None,
                              initial_state: Tensor | None = None, output_final_state: bool = False,
-                             segment_ids: Tensor | None = None,
-                             chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+                             segment_ids: Tensor | None = None, chunk_size: int = 64,
+                             on_final_state: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor | None]:
     """Same contract as reference.linear_attention_chunked; the kernels use their own chunk size (CHUNK)."""
-    out, final = ChunkedLinearAttention.apply(q, k, v, log_decay, initial_state, segment_ids, scale)
+    out, final = ChunkedLinearAttention.apply(q, k, v, log_decay, initial_state, segment_ids, scale, on_final_state)
     return out, (final if output_final_state else None)

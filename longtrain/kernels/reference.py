@@ -5,6 +5,7 @@ backward), so no N x N matrix is ever built; fully masked tiles are skipped. The
 in this package expose exactly these signatures.
 """
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -220,26 +221,16 @@ def scan_states(chunk_state: Tensor, chunk_decay: Tensor, initial: Tensor) -> tu
     return torch.stack(entering, 2), state
 
 
-def linear_state_chunked(k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
-                         segment_ids: Tensor | None = None, chunk_size: int = 64) -> Tensor:
-    """Final state from zero initial state, without the outputs: O(N Dk Dv), chunk-local exponents."""
-    dt = acc_dtype(k)
-    C = chunk_size
-    g = chunk_inputs(decay_shape(log_decay, k), C)
-    ks, vs = chunk_inputs(k.to(dt), C), chunk_inputs(v.to(dt), C)
-    state, decay = chunk_states(ks, vs, g.cumsum(3), chunk_resets(segment_ids, k.shape[2], C, k.device))
-    zero = k.new_zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=dt)
-    return scan_states(state, decay, zero)[1]
-
-
 def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, scale: float, log_decay: Tensor | None = None,
                              initial_state: Tensor | None = None, output_final_state: bool = False,
-                             segment_ids: Tensor | None = None,
-                             chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+                             segment_ids: Tensor | None = None, chunk_size: int = 64,
+                             on_final_state: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor | None]:
     """Chunked linear attention: quadratic inside a chunk, state passing between chunks.
 
     Every exponent is a cumulative decay difference that is <= 0, so strong decay underflows to 0
     instead of overflowing. Differentiable through torch autograd; O(N) time and memory.
+    on_final_state(final.detach()) runs once the final state exists, before the output products (SP
+    algorithms start their communication there).
     """
     B, H, N, Dk = q.shape
     dt = acc_dtype(q)
@@ -261,6 +252,8 @@ def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, scale: float, l
     chunk_state, chunk_decay = chunk_states(ks, vs, b, resets)
     initial = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if initial_state is None else initial_state.to(dt)
     entering, final = scan_states(chunk_state, chunk_decay, initial)
+    if on_final_state is not None:
+        on_final_state(final.detach())
     out = scores @ vs + (qs * torch.exp(b) * from_state) @ entering
     out = out.view(B, H, -1, v.shape[-1])[:, :, :N].to(q.dtype)
     return out, (final if output_final_state else None)

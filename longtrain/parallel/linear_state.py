@@ -45,19 +45,18 @@ def slice_decay(q: Tensor, log_decay: Tensor | None, segment_ids: Tensor | None)
 def local_pass(q, k, v, log_decay, segment_ids, scale: float, chunk_size: int, backend, state_first=None) -> LocalPass:
     """Run the slice with zero initial state under autograd, from detached copies of the inputs.
 
-    `state_first(state, decay)` is called as soon as M_r and A_r exist, before the output pass, so an
-    algorithm can start its communication and overlap it with the intra-slice compute.
+    One chunked pass gives both the outputs and M_r. `state_first(state, decay)` is called as soon as
+    M_r and A_r exist, before the output products, so an algorithm can start its communication and
+    overlap it with the intra-slice compute.
     """
     inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (q, k, v, log_decay)]
     q, k, v, log_decay = inputs
     with torch.enable_grad():
         decay, b, from_state = slice_decay(q, log_decay, segment_ids)
-        state = backend.linear_state_chunked(k, v, log_decay=log_decay, segment_ids=segment_ids,
-                                             chunk_size=chunk_size)
-        if state_first is not None:
-            state_first(state.detach(), decay.detach())
-        out, _ = backend.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay,
-                                                  segment_ids=segment_ids, chunk_size=chunk_size)
+        hook = None if state_first is None else (lambda state: state_first(state.detach(), decay.detach()))
+        out, state = backend.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay,
+                                                      segment_ids=segment_ids, chunk_size=chunk_size,
+                                                      output_final_state=True, on_final_state=hook)
     return LocalPass(inputs, out, state, decay, b, from_state, scale, backend)
 
 
