@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from longtrain.parallel import comm
 from longtrain.parallel.spawn import run_distributed
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -172,7 +173,12 @@ def worker_model_sp(rank, world, tmp):
         trainer = Trainer(small_config(f"{tmp}/sp{rank}", *extra, f"parallel.sp_size={world}"))
         batch = trainer.loader.next_batch()
         assert batch.segment_ids.max() > 0  # documents really are packed into the sequence
+        comm.reset_counters()
         sp_step_matches_single_device(trainer, batch, 32, f"{pattern}/{linear_sp}/{softmax_sp}/{layout}")
+        # one gather of document boundaries (first/last id of each local chunk, int64) for all layers and the
+        # recompute, not one per linear layer; Ulysses gathers whole heads and needs none
+        gather_bytes = (world - 1) * (2 if layout == "zigzag" else 1) * 2 * 2 * 8
+        assert comm.BYTES_SENT["linear_gates"] == (0 if linear_sp == "ulysses" else gather_bytes), pattern
 
 
 def write_docs(tmp_path):

@@ -9,12 +9,17 @@ from longtrain.parallel.context import SPContext
 
 @dataclass
 class AttnContext:
-    """positions [N_local] are the global positions of this rank's tokens (RoPE); seq_len is the global N."""
+    """positions [N_local] are the global positions of this rank's tokens (RoPE); seq_len is the global N.
+
+    doc_gates: which SP chunks continue the previous chunk's document (parallel.document_gates), gathered
+    once per step for every linear layer; None without documents or SP.
+    """
     positions: Tensor
     seq_len: int
     segment_ids: Tensor | None = None
     sp: SPContext | None = None
     backend: str = "torch"
+    doc_gates: Tensor | None = None
 
     @staticmethod
     def single(n: int, device=None, segment_ids: Tensor | None = None, backend: str = "torch") -> "AttnContext":

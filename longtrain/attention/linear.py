@@ -57,7 +57,7 @@ class LinearAttention(nn.Module):
             out = sp_linear_attention(q, k, v, group=ctx.sp.group, algorithm=ctx.sp.linear_algorithm,
                                       log_decay=log_decay, segment_ids=ctx.segment_ids,
                                       zeco_blocks=ctx.sp.zeco_blocks, chunk_size=self.chunk_size,
-                                      layout=ctx.sp.layout, backend=ctx.backend)
+                                      layout=ctx.sp.layout, backend=ctx.backend, doc_gates=ctx.doc_gates)
         else:
             out, _ = linear_attention(q, k, v, log_decay=log_decay, segment_ids=ctx.segment_ids,
                                       chunk_size=self.chunk_size, backend=ctx.backend)

@@ -10,6 +10,7 @@ from longtrain.parallel.comm import group_size
 from longtrain.parallel.context import SPContext
 from longtrain.parallel.lasp1 import Lasp1
 from longtrain.parallel.lasp2 import Lasp2
+from longtrain.parallel.linear_state import document_gates
 from longtrain.parallel.ring import ring_attention
 from longtrain.parallel.sharding import (LAYOUTS, local_positions, pad_sequence, shard_sequence,
                                          unshard_sequence)
@@ -62,10 +63,13 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
 def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorithm: str = "lasp2",
                         log_decay: Tensor | None = None, segment_ids: Tensor | None = None,
                         scale: float | None = None, zeco_blocks: int | None = None, chunk_size: int = 64,
-                        layout: str = "contiguous", backend: str = "torch") -> Tensor:
+                        layout: str = "contiguous", backend: str = "torch",
+                        doc_gates: Tensor | None = None) -> Tensor:
     """This rank's shard of single-device `linear_attention`; inputs are shards [B, H, N/P, D] in `layout`.
 
     lasp1 and zeco pass states along the ring and need the contiguous layout; lasp2 and ulysses take either.
+    doc_gates: `document_gates(segment_ids, group, layout)` when the caller has them (a model computes them
+    once per step for all its layers); otherwise they are gathered here.
     """
     P = group_size(group)
     check_algorithm(algorithm, LINEAR_SP, P)
@@ -80,14 +84,16 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
     if algorithm == "none" or P == 1:
         return kernels.linear_attention_chunked(q, k, v, scale=scale, log_decay=log_decay, segment_ids=segment_ids,
                                                 chunk_size=chunk_size)[0]
+    if algorithm == "ulysses":
+        return ulysses_linear_attention(q, k, v, log_decay, segment_ids, group, layout, kernels, scale, chunk_size)
+    if doc_gates is None:
+        doc_gates = document_gates(segment_ids, group, layout)
     if algorithm == "lasp1":
-        return Lasp1.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels)
+        return Lasp1.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels)
     if algorithm == "lasp2":
-        return Lasp2.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, layout)
-    if algorithm == "zeco":
-        return ZeCO.apply(q, k, v, log_decay, segment_ids, group, scale, chunk_size, kernels, zeco_blocks)
-    return ulysses_linear_attention(q, k, v, log_decay, segment_ids, group, layout, kernels, scale, chunk_size)
+        return Lasp2.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, layout)
+    return ZeCO.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, zeco_blocks)
 
 
-__all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "SPContext", "local_positions", "pad_sequence", "shard_sequence",
+__all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "SPContext", "document_gates", "local_positions", "pad_sequence", "shard_sequence",
            "sp_linear_attention", "sp_softmax_attention", "unshard_sequence"]

@@ -7,17 +7,16 @@ receives W_{r+1} from rank r+1 and sends W_r to rank r-1. One state per rank per
 import torch
 
 from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.linear_state import (combine, correction_backward, document_gates, finish_forward, gate_of,
-                                             local_backward, local_pass, zero_state)
+from longtrain.parallel.linear_state import (combine, correction_backward, finish_forward, gate_of, local_backward,
+                                             local_pass, zero_state)
 
 
 class Lasp1(torch.autograd.Function):
     """This rank's shard of linear attention over the whole sequence, states passed along the ring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, seg, group, scale, chunk_size, backend):
+    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend):
         P, r = group_size(group), group_rank(group)
-        gates = document_gates(seg, group)
         state_in = zero_state(q, v)
         recv = p2p([], [(state_in, r - 1)], group, "lasp1_fwd") if r > 0 else []
         lp = local_pass(q, k, v, log_decay, seg, scale, chunk_size, backend)
@@ -45,4 +44,4 @@ class Lasp1(torch.autograd.Function):
         send = p2p([(gate_of(gates, r, grad_state) * grad_state, r - 1)], [], group, "lasp1_bwd") if r > 0 else []
         grads = local_backward(lp, dout, state_in, w_next, correction)
         wait(send)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

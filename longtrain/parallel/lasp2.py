@@ -9,8 +9,8 @@ too: a hybrid model can keep its ring attention load-balanced.
 import torch
 
 from longtrain.parallel.comm import all_gather, group_rank, group_size
-from longtrain.parallel.linear_state import (combine, correct, correction_backward, document_gates, gate_of,
-                                             local_backward, local_pass, zero_state)
+from longtrain.parallel.linear_state import (combine, correct, correction_backward, gate_of, local_backward,
+                                             local_pass, zero_state)
 from longtrain.parallel.sharding import chunk_ids, local_chunks
 
 
@@ -22,9 +22,8 @@ class Lasp2(torch.autograd.Function):
     """This rank's shard of linear attention; the state prefix of each of its chunks from one all-gather."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, seg, group, scale, chunk_size, backend, layout):
+    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend, layout):
         P, r = group_size(group), group_rank(group)
-        gates = document_gates(seg, group, layout)
         chunks = local_chunks(q.shape[2], P, r, layout)
         pending = {}
 
@@ -82,4 +81,4 @@ class Lasp2(torch.autograd.Function):
         grads = [local_backward(lp, d, s_in, w_after[c], corr)
                  for lp, d, s_in, c, (corr, _) in zip(lps, douts, ctx.states_in, own, corrections)]
         merged = [None if parts[0] is None else torch.cat(parts, 2) for parts in zip(*grads)]
-        return (*merged, None, None, None, None, None, None)
+        return (*merged, None, None, None, None, None, None, None)

@@ -9,7 +9,7 @@ intra-slice output pass computes. Backward runs the same pipeline in reverse on 
 import torch
 
 from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.linear_state import (combine, correction_backward, document_gates, finish_forward, gate_of,
+from longtrain.parallel.linear_state import (combine, correction_backward, finish_forward, gate_of,
                                              local_backward, local_pass, zero_state)
 
 DEFAULT_BLOCKS = 4
@@ -27,9 +27,8 @@ class ZeCO(torch.autograd.Function):
     """This rank's shard of linear attention; the state prefix arrives through the All-Scan pipeline."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, seg, group, scale, chunk_size, backend, blocks):
+    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend, blocks):
         P, r = group_size(group), group_rank(group)
-        gates = document_gates(seg, group)
         state_in = zero_state(q, v)
         parts_in = [part.contiguous() for part in state_in.tensor_split(num_blocks(v.shape[-1], blocks), -1)]
         recv = p2p([], [(part, r - 1) for part in parts_in], group, "zeco_fwd") if r > 0 else []
@@ -69,4 +68,4 @@ class ZeCO(torch.autograd.Function):
         w_next = torch.cat(w_parts, -1) if w_parts else None
         grads = local_backward(lp, dout, state_in, w_next, correction)
         wait(sends)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)

@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from longtrain.attention import AttnContext
-from longtrain.config import Config
-from longtrain.parallel import SPContext, comm, local_positions, pad_sequence, shard_sequence
+from longtrain.attention import LINEAR_FAMILY, AttnContext
+from longtrain.config import Config, layer_mixers
+from longtrain.parallel import (SPContext, comm, document_gates, local_positions, pad_sequence,
+                                shard_sequence)
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
 from longtrain.trainer.checkpoint import (complete_checkpoints, load_deepspeed_checkpoint, load_latest_checkpoint,
@@ -94,6 +95,9 @@ class Trainer:
         self.sp = None if self.mesh.sp_size == 1 else SPContext(
             self.mesh.sp_group, cfg.parallel.softmax_sp, cfg.parallel.linear_sp, cfg.parallel.layout,
             cfg.parallel.zeco_blocks, cfg.parallel.ulysses_size)
+        # LASP-1/2 and ZeCO layers share one gather of document boundaries per micro-batch
+        self.has_linear_sp = self.sp is not None and cfg.parallel.linear_sp in ("lasp1", "lasp2", "zeco") and \
+            any(name in LINEAR_FAMILY for name in layer_mixers(cfg.model))
         if cfg.run.resume:
             self.resume()
         self.metrics = MetricsLogger(cfg.run.dir, self.rank0, OmegaConf.to_container(cfg), cfg.wandb, run_name(cfg),
@@ -123,7 +127,8 @@ class Trainer:
         local = Batch(*(None if t is None else shard_sequence(t, 1, group, layout)
                         for t in (batch.tokens, batch.targets, batch.loss_mask, batch.segment_ids)))
         positions = local_positions(local.tokens.shape[1], group, layout, self.device)
-        return local, AttnContext(positions, N, local.segment_ids, self.sp, self.cfg.kernels.backend)
+        doc_gates = document_gates(local.segment_ids, group, layout) if self.has_linear_sp else None
+        return local, AttnContext(positions, N, local.segment_ids, self.sp, self.cfg.kernels.backend, doc_gates)
 
     def forward_loss(self, batch: Batch, accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
