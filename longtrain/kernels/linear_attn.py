@@ -26,6 +26,19 @@ SUB = 16  # rows per intra-chunk tile
 
 
 @triton.jit
+def _rows(PTR, bh, rows, N, offs, ok, D):
+    """[len(rows), len(offs)] of head bh's [N, D] matrix; zeros past row N or column D."""
+    return tl.load(PTR + (bh * N + rows[:, None]) * D + offs[None, :], mask=(rows[:, None] < N) & ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _decay(BC, bh, rows, NP, offs_k, k_ok, sbn, sbk):
+    """Cumulative in-chunk log decay of `rows`, [len(rows), BLOCK_K] (a scalar decay broadcasts over Dk)."""
+    return tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _scan_kernel(X, Y, BC, SEEN, INIT, STATES, FINAL, x_scale, N, NP, H, DK, DV, sbn, sbk,
                  REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -57,12 +70,9 @@ def _scan_kernel(X, Y, BC, SEEN, INIT, STATES, FINAL, x_scale, N, NP, H, DK, DV,
             tl.store(STATES + (bh * n_chunks + c) * DK * DV + state_offs, state, mask=kv_mask)
         c0 = c * CHUNK
         rows = c0 + offs_t
-        row_ok = rows < N
-        x = tl.load(X + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        y = tl.load(Y + (bh * N + rows[:, None]) * DV + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :],
-                    other=0.0)
-        bc = tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+        x = _rows(X, bh, rows, N, offs_k, k_ok, DK)
+        y = _rows(Y, bh, rows, N, offs_v, v_ok, DV)
+        bc = _decay(BC, bh, rows, NP, offs_k, k_ok, sbn, sbk)
         b_last = tl.load(BC + (bh * NP + c0 + CHUNK - 1) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
         seen = tl.load(SEEN + b * NP + rows)
         seen_last = tl.load(SEEN + b * NP + c0 + CHUNK - 1)
@@ -93,9 +103,8 @@ def _output_kernel(Q, K, V, BC, SEEN, STATES, OUT, scale, N, NP, H, DK, DV, sbn,
     v_ok = offs_v < DV
     rows = r0 + offs_s
     row_ok = rows < N
-    q = tl.load(Q + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0).to(tl.float32) * scale
-    bq = tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+    q = _rows(Q, bh, rows, N, offs_k, k_ok, DK).to(tl.float32) * scale
+    bq = _decay(BC, bh, rows, NP, offs_k, k_ok, sbn, sbk)
     seen_q = tl.load(SEEN + b * NP + rows)
     state = tl.load(STATES + (bh * (NP // CHUNK) + r0 // CHUNK) * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)
@@ -106,13 +115,9 @@ def _output_kernel(Q, K, V, BC, SEEN, STATES, OUT, scale, N, NP, H, DK, DV, sbn,
         q_ref = (q * tl.exp(bq - b_ref[None, :])).to(dt)
         for j0 in range(c0, r0, SUB):
             rows_j = j0 + offs_s
-            j_ok = rows_j < N
-            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :], mask=j_ok[:, None] & k_ok[None, :],
-                          other=0.0)
-            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :],
-                          other=0.0)
-            b_j = tl.load(BC + (bh * NP + rows_j[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :],
-                          other=0.0)
+            k_j = _rows(K, bh, rows_j, N, offs_k, k_ok, DK)
+            v_j = _rows(V, bh, rows_j, N, offs_v, v_ok, DV)
+            b_j = _decay(BC, bh, rows_j, NP, offs_k, k_ok, sbn, sbk)
             k_ref = (k_j * tl.exp(b_ref[None, :] - b_j)).to(dt)
             same_doc = seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :]
             scores = tl.where(same_doc, tl.dot(q_ref, tl.trans(k_ref), input_precision=PREC), 0.0)
@@ -130,13 +135,12 @@ def _output_kernel(Q, K, V, BC, SEEN, STATES, OUT, scale, N, NP, H, DK, DV, sbn,
         bq_row = tl.load(BC + (bh * NP + rows) * sbn)
         for j0 in range(c0, r0 + SUB, SUB):
             rows_j = j0 + offs_s
-            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :],
-                          mask=(rows_j[:, None] < N) & k_ok[None, :], other=0.0)
-            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :],
-                          mask=(rows_j[:, None] < N) & v_ok[None, :], other=0.0)
+            k_j = _rows(K, bh, rows_j, N, offs_k, k_ok, DK)
+            v_j = _rows(V, bh, rows_j, N, offs_v, v_ok, DV)
             visible = (rows[:, None] >= rows_j[None, :]) & (seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :])
             gap = bq_row[:, None] - tl.load(BC + (bh * NP + rows_j) * sbn)[None, :]
-            scores = tl.dot(q.to(dt), tl.trans(k_j), input_precision=PREC) * tl.exp(tl.where(visible, gap, float("-inf")))
+            decay = tl.exp(tl.where(visible, gap, float("-inf")))
+            scores = tl.dot(q.to(dt), tl.trans(k_j), input_precision=PREC) * decay
             acc += tl.dot(scores.to(dt), v_j, input_precision=PREC)
     tl.store(OUT + (bh * N + rows[:, None]) * DV + offs_v[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
 
@@ -165,11 +169,11 @@ def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N
     row_ok = rows < N
     qk_mask = row_ok[:, None] & k_ok[None, :]
     rv_mask = row_ok[:, None] & v_ok[None, :]
-    q = tl.load(Q + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32) * scale
-    k = tl.load(K + (bh * N + rows[:, None]) * DK + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-    v = tl.load(V + (bh * N + rows[:, None]) * DV + offs_v[None, :], mask=rv_mask, other=0.0)
-    do = tl.load(DO + (bh * N + rows[:, None]) * DV + offs_v[None, :], mask=rv_mask, other=0.0)
-    bq = tl.load(BC + (bh * NP + rows[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :], other=0.0)
+    q = _rows(Q, bh, rows, N, offs_k, k_ok, DK).to(tl.float32) * scale
+    k = _rows(K, bh, rows, N, offs_k, k_ok, DK).to(tl.float32)
+    v = _rows(V, bh, rows, N, offs_v, v_ok, DV)
+    do = _rows(DO, bh, rows, N, offs_v, v_ok, DV)
+    bq = _decay(BC, bh, rows, NP, offs_k, k_ok, sbn, sbk)
     b_last = tl.load(BC + (bh * NP + c0 + CHUNK - 1) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
     seen_q = tl.load(SEEN + b * NP + rows)
     seen_last = tl.load(SEEN + b * NP + c0 + CHUNK - 1)
@@ -185,26 +189,18 @@ def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N
         b_ref = tl.load(BC + (bh * NP + r0) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
         for j0 in range(c0, r0, SUB):  # earlier key tiles -> dq
             rows_j = j0 + offs_s
-            j_ok = rows_j < N
-            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :], mask=j_ok[:, None] & k_ok[None, :],
-                          other=0.0)
-            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :],
-                          other=0.0)
-            b_j = tl.load(BC + (bh * NP + rows_j[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :],
-                          other=0.0)
+            k_j = _rows(K, bh, rows_j, N, offs_k, k_ok, DK)
+            v_j = _rows(V, bh, rows_j, N, offs_v, v_ok, DV)
+            b_j = _decay(BC, bh, rows_j, NP, offs_k, k_ok, sbn, sbk)
             same_doc = seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :]
             dscores = tl.where(same_doc, tl.dot(do, tl.trans(v_j), input_precision=PREC), 0.0)
             k_ref = (k_j * tl.exp(b_ref[None, :] - b_j)).to(dt)
             dq += tl.dot(dscores.to(dt), k_ref, input_precision=PREC) * tl.exp(bq - b_ref[None, :])
         for m0 in range(r0 + SUB, c0 + CHUNK, SUB):  # later query tiles -> dk, dv
             rows_m = m0 + offs_s
-            m_ok = rows_m < N
-            q_m = tl.load(Q + (bh * N + rows_m[:, None]) * DK + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                          other=0.0).to(tl.float32) * scale
-            do_m = tl.load(DO + (bh * N + rows_m[:, None]) * DV + offs_v[None, :],
-                           mask=m_ok[:, None] & v_ok[None, :], other=0.0)
-            b_m = tl.load(BC + (bh * NP + rows_m[:, None]) * sbn + offs_k[None, :] * sbk, mask=k_ok[None, :],
-                          other=0.0)
+            q_m = _rows(Q, bh, rows_m, N, offs_k, k_ok, DK).to(tl.float32) * scale
+            do_m = _rows(DO, bh, rows_m, N, offs_v, v_ok, DV)
+            b_m = _decay(BC, bh, rows_m, NP, offs_k, k_ok, sbn, sbk)
             b_ref_m = tl.load(BC + (bh * NP + m0) * sbn + offs_k * sbk, mask=k_ok, other=0.0)
             q_ref = (q_m * tl.exp(b_m - b_ref_m[None, :])).to(dt)
             k_decay = tl.exp(b_ref_m[None, :] - bq)
@@ -232,22 +228,16 @@ def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N
         bq_row = tl.load(BC + (bh * NP + rows) * sbn)
         for j0 in range(c0, r0 + SUB, SUB):  # key tiles up to this one -> dq
             rows_j = j0 + offs_s
-            j_ok = rows_j < N
-            k_j = tl.load(K + (bh * N + rows_j[:, None]) * DK + offs_k[None, :], mask=j_ok[:, None] & k_ok[None, :],
-                          other=0.0)
-            v_j = tl.load(V + (bh * N + rows_j[:, None]) * DV + offs_v[None, :], mask=j_ok[:, None] & v_ok[None, :],
-                          other=0.0)
+            k_j = _rows(K, bh, rows_j, N, offs_k, k_ok, DK)
+            v_j = _rows(V, bh, rows_j, N, offs_v, v_ok, DV)
             visible = (rows[:, None] >= rows_j[None, :]) & (seen_q[:, None] == tl.load(SEEN + b * NP + rows_j)[None, :])
             gap = bq_row[:, None] - tl.load(BC + (bh * NP + rows_j) * sbn)[None, :]
             dscores = tl.dot(do, tl.trans(v_j), input_precision=PREC) * tl.exp(tl.where(visible, gap, float("-inf")))
             dq += tl.dot(dscores.to(dt), k_j, input_precision=PREC)
         for m0 in range(r0, c0 + CHUNK, SUB):  # query tiles from this one on -> dk, dv
             rows_m = m0 + offs_s
-            m_ok = rows_m < N
-            q_m = tl.load(Q + (bh * N + rows_m[:, None]) * DK + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                          other=0.0).to(tl.float32) * scale
-            do_m = tl.load(DO + (bh * N + rows_m[:, None]) * DV + offs_v[None, :],
-                           mask=m_ok[:, None] & v_ok[None, :], other=0.0)
+            q_m = _rows(Q, bh, rows_m, N, offs_k, k_ok, DK).to(tl.float32) * scale
+            do_m = _rows(DO, bh, rows_m, N, offs_v, v_ok, DV)
             visible = (rows_m[:, None] >= rows[None, :]) & (tl.load(SEEN + b * NP + rows_m)[:, None] == seen_q[None, :])
             gap = tl.load(BC + (bh * NP + rows_m) * sbn)[:, None] - bq_row[None, :]
             decay = tl.exp(tl.where(visible, gap, float("-inf")))  # [query tile, this tile]
