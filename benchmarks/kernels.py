@@ -60,7 +60,8 @@ def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
 
 
 def linear_rows(sizes: list[int], head_dim: int) -> list[dict]:
-    from longtrain.kernels.linear_attn import chunk_forward
+    """GLA (per-channel decay) through the public op, forward and forward+backward, vs fla's chunk_gla."""
+    from longtrain.attention import linear_attention
     try:
         from fla.ops.gla import chunk_gla
     except ImportError:
@@ -71,16 +72,30 @@ def linear_rows(sizes: list[int], head_dim: int) -> list[dict]:
     for N in sizes:
         B = max(1, TOKENS // N)
         q, k, v = (torch.randn(B, H, N, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        g = torch.nn.functional.logsigmoid(torch.randn(B, H, N, head_dim, device="cuda")) / 16
-        flops = 4 * B * H * N * head_dim * (head_dim + 64)  # state update + readout + intra-chunk, per token
-        t = bench_ms(lambda: chunk_forward(q, k, v, head_dim ** -0.5, g, None, None))
-        rows.append({"kernel": "triton-gla", "D": head_dim, "N": N, "mode": "fwd", "ms": t, "TFLOP/s": flops / t / 1e9})
+        g = F.logsigmoid(torch.randn(B, H, N, head_dim, device="cuda")) / 16
+        dout = torch.randn_like(v)
+        fwd_flops = 4 * B * H * N * head_dim * (head_dim + 64)  # state update + readout + intra-chunk, per token
+        ours = [t.clone().requires_grad_() for t in (q, k, v, g)]
+        candidates = [("triton-gla", ours, lambda: linear_attention(*ours[:3], log_decay=ours[3], backend="triton")[0],
+                       dout)]
         if chunk_gla is not None:
-            qt, kt, vt, gt = (x.transpose(1, 2).contiguous() for x in (q, k, v, g))
-            t = bench_ms(lambda: chunk_gla(qt, kt, vt, gt))
-            rows.append({"kernel": "fla-chunk_gla", "D": head_dim, "N": N, "mode": "fwd", "ms": t,
-                         "TFLOP/s": flops / t / 1e9})
+            theirs = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v, g)]  # [B, N, H, D]
+            candidates.append(("fla-chunk_gla", theirs, lambda: chunk_gla(*theirs)[0], dout.transpose(1, 2)))
+        for name, inputs, fn, grad_out in candidates:
+            t_fwd = bench_ms(fn)
+            t_all = bench_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
+            for mode, t, flops in (("fwd", t_fwd, fwd_flops), ("fwd+bwd", t_all, 3 * fwd_flops)):
+                rows.append({"kernel": name, "D": head_dim, "N": N, "mode": mode, "ms": t, "TFLOP/s": flops / t / 1e9})
+        torch.cuda.empty_cache()
     return rows
+
+
+def print_tuned_configs() -> None:
+    """The flash-attention tile sizes, warps and stages the autotuner chose, per shape key."""
+    from longtrain.kernels import flash_attn
+    for kernel in (flash_attn._fwd_kernel, flash_attn._bwd_dkdv_kernel, flash_attn._bwd_dq_kernel):
+        for key, config in kernel.cache.items():
+            print(f"{kernel.fn.__name__} {key}: {config}")
 
 
 def smoke() -> None:
@@ -111,7 +126,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows = flash_rows(args.n, args.d) + linear_rows(args.n, 128)
     print_table(rows, ["kernel", "D", "N", "mode", "ms", "TFLOP/s"])
-    plot([r for r in rows if r["mode"] in ("fwd+bwd",) or r["kernel"].endswith("gla")], "N", "TFLOP/s",
+    print_tuned_configs()
+    plot([r for r in rows if r["mode"] == "fwd+bwd"], "N", "TFLOP/s",
          ["kernel", "D", "mode"], args.out, "attention kernels, bf16 causal")
 
 

@@ -123,6 +123,28 @@ def test_flash_attention_bf16_on_gpu():
     torch.testing.assert_close(out.to(torch.bfloat16), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
+def test_linear_kernel_splits_wide_heads_into_blocks(decay):
+    """Dk=96 (two masked Dk blocks in the scan) and Dv=128 (two Dv blocks whose dq, dk partials are summed)."""
+    B, H, N, DK, DV = 1, 1, 80, 96, 128
+    q, k = rand(B, H, N, DK, seed=1), rand(B, H, N, DK, seed=2)
+    v, s0 = rand(B, H, N, DV, seed=3), rand(B, H, DK, DV, seed=4)
+    g = -rand(B, H, N, seed=5).abs() if decay == "scalar" else -rand(B, H, N, DK, seed=5).abs()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
+    results = []
+    for backend in ("triton", "torch"):
+        out, final = linear_attention(*leaves[:3], log_decay=leaves[3], initial_state=leaves[4],
+                                      output_final_state=True, backend=backend)
+        grads = torch.autograd.grad((out * rand(*out.shape, seed=6)).sum() + (final * rand(*final.shape, seed=7)).sum(),
+                                    leaves)
+        results.append((out, final, grads))
+    (out, final, grads), (ref_out, ref_final, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(final, ref_final, atol=5e-5, rtol=1e-5)
+    for name, got, want in zip(["q", "k", "v", "log_decay", "initial_state"], grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4, msg=f"d{name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_final_state_hook_sees_the_returned_final_state(backend):
     """SP algorithms start communicating from this hook, before the output products."""
