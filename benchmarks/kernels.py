@@ -59,8 +59,8 @@ def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
     return rows
 
 
-def linear_rows(sizes: list[int], head_dim: int) -> list[dict]:
-    """GLA (per-channel decay) through the public op, forward and forward+backward, vs fla's chunk_gla."""
+def linear_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
+    """GLA (per-channel decay) through the public op, forward / backward / both, vs fla's chunk_gla."""
     from longtrain.attention import linear_attention
     try:
         from fla.ops.gla import chunk_gla
@@ -68,13 +68,12 @@ def linear_rows(sizes: list[int], head_dim: int) -> list[dict]:
         chunk_gla = None
         print("flash-linear-attention not installed: linear kernel shown without the chunk_gla baseline")
     rows = []
-    H = 2048 // head_dim
-    for N in sizes:
-        B = max(1, TOKENS // N)
-        q, k, v = (torch.randn(B, H, N, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        g = F.logsigmoid(torch.randn(B, H, N, head_dim, device="cuda")) / 16
+    for D, N in ((D, N) for D in head_dims for N in sizes):
+        H, B = 2048 // D, max(1, TOKENS // N)
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = F.logsigmoid(torch.randn(B, H, N, D, device="cuda")) / 16
         dout = torch.randn_like(v)
-        fwd_flops = 4 * B * H * N * head_dim * (head_dim + 64)  # state update + readout + intra-chunk, per token
+        fwd_flops = 4 * B * H * N * D * (D + 64)  # state update + readout + intra-chunk, per token; bwd ~2x
         ours = [t.clone().requires_grad_() for t in (q, k, v, g)]
         candidates = [("triton-gla", ours, lambda: linear_attention(*ours[:3], log_decay=ours[3], backend="triton")[0],
                        dout)]
@@ -82,10 +81,13 @@ def linear_rows(sizes: list[int], head_dim: int) -> list[dict]:
             theirs = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v, g)]  # [B, N, H, D]
             candidates.append(("fla-chunk_gla", theirs, lambda: chunk_gla(*theirs)[0], dout.transpose(1, 2)))
         for name, inputs, fn, grad_out in candidates:
-            t_fwd = bench_ms(fn)
-            t_all = bench_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
-            for mode, t, flops in (("fwd", t_fwd, fwd_flops), ("fwd+bwd", t_all, 3 * fwd_flops)):
-                rows.append({"kernel": name, "D": head_dim, "N": N, "mode": mode, "ms": t, "TFLOP/s": flops / t / 1e9})
+            out = fn()
+            timings = (("fwd", bench_ms(fn), fwd_flops),
+                       ("bwd", bench_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)),
+                        2 * fwd_flops),
+                       ("fwd+bwd", bench_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out)), 3 * fwd_flops))
+            for mode, t, flops in timings:
+                rows.append({"kernel": name, "D": D, "N": N, "mode": mode, "ms": t, "TFLOP/s": flops / t / 1e9})
         torch.cuda.empty_cache()
     return rows
 
@@ -124,7 +126,7 @@ def main() -> None:
         smoke()
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = flash_rows(args.n, args.d) + linear_rows(args.n, 128)
+    rows = flash_rows(args.n, args.d) + linear_rows(args.n, args.d)
     print_table(rows, ["kernel", "D", "N", "mode", "ms", "TFLOP/s"])
     print_tuned_configs()
     plot([r for r in rows if r["mode"] == "fwd+bwd"], "N", "TFLOP/s",
