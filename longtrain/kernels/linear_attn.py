@@ -40,7 +40,7 @@ def _decay(BC, bh, rows, NP, offs_k, k_ok, sbn, sbk):
 
 @triton.jit
 def _scan_kernel(X, Y, BC, SEEN, INIT, STATES, FINAL, x_scale, N, NP, H, DK, DV, sbn, sbk,
-                 REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr,
+                 REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """S <- diag(exp(b_last) carry) S + (x w)^T y over the chunks, storing S before each chunk's update.
 
@@ -66,8 +66,7 @@ def _scan_kernel(X, Y, BC, SEEN, INIT, STATES, FINAL, x_scale, N, NP, H, DK, DV,
             c = n_chunks - 1 - step
         else:
             c = step
-        if STORE_STATES:
-            tl.store(STATES + (bh * n_chunks + c) * DK * DV + state_offs, state, mask=kv_mask)
+        tl.store(STATES + (bh * n_chunks + c) * DK * DV + state_offs, state, mask=kv_mask)
         c0 = c * CHUNK
         rows = c0 + offs_t
         x = _rows(X, bh, rows, N, offs_k, k_ok, DK)
@@ -270,19 +269,18 @@ def _meta(q: Tensor, bc: Tensor) -> dict:
                 PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _scan(x: Tensor, y: Tensor, bc: Tensor, seen: Tensor, init: Tensor | None, x_scale: float, reverse: bool,
-          store_states: bool) -> tuple[Tensor | None, Tensor]:
-    """(per-chunk states [B, H, NC, Dk, Dv] or None, final [B, H, Dk, Dv]), fp32; see _scan_kernel."""
+def _scan(x: Tensor, y: Tensor, bc: Tensor, seen: Tensor, init: Tensor | None, x_scale: float,
+          reverse: bool) -> tuple[Tensor, Tensor]:
+    """(per-chunk states [B, H, NC, Dk, Dv], final [B, H, Dk, Dv]), fp32; see _scan_kernel."""
     B, H, N, DK = x.shape
     DV, NP = y.shape[-1], bc.shape[2]
     final = torch.empty(B, H, DK, DV, device=x.device, dtype=torch.float32)
-    states = torch.empty(B, H, NP // CHUNK, DK, DV, device=x.device, dtype=torch.float32) if store_states else None
+    states = torch.empty(B, H, NP // CHUNK, DK, DV, device=x.device, dtype=torch.float32)
     block_k, block_v = min(64, max(16, triton.next_power_of_2(DK))), min(64, max(16, triton.next_power_of_2(DV)))
     grid = (B * H, triton.cdiv(DK, block_k), triton.cdiv(DV, block_v))
     _scan_kernel[grid](x, y, bc, seen, final if init is None else init.float().contiguous(),
-                       final if states is None else states, final, x_scale, N, NP, H, DK, DV,
-                       REVERSE=reverse, HAS_INIT=init is not None, STORE_STATES=store_states, CHUNK=CHUNK,
-                       BLOCK_K=block_k, BLOCK_V=block_v, **_meta(x, bc))
+                       states, final, x_scale, N, NP, H, DK, DV, REVERSE=reverse, HAS_INIT=init is not None,
+                       CHUNK=CHUNK, BLOCK_K=block_k, BLOCK_V=block_v, **_meta(x, bc))
     return states, final
 
 
@@ -303,7 +301,7 @@ def chunk_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, log_decay: Tens
     B, H, N, _ = q.shape
     state_dtype = acc_dtype(q)
     q, k, v, bc, seen = _prepare(q, k, v, log_decay, segment_ids)
-    states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False, store_states=True)
+    states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False)
     if on_final_state is not None:
         on_final_state(final.to(state_dtype))
     out = torch.empty(B, H, N, v.shape[-1], device=q.device, dtype=q.dtype)
@@ -319,8 +317,8 @@ def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, in
     q, k, v, bc, seen = _prepare(q, k, v, log_decay, segment_ids)
     DV, NP = v.shape[-1], bc.shape[2]
     dout = dout.to(q.dtype).contiguous()
-    states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False, store_states=True)
-    dstates, ds0 = _scan(q, dout, bc, seen, dfinal, scale, reverse=True, store_states=True)
+    states, final = _scan(k, v, bc, seen, initial_state, 1.0, reverse=False)
+    dstates, ds0 = _scan(q, dout, bc, seen, dfinal, scale, reverse=True)
     grid, meta = _tile_grid(q, bc, DV)
     dq_parts = torch.empty(grid[2], B, H, N, DK, device=q.device, dtype=torch.float32)
     dk_parts = torch.empty_like(dq_parts)
