@@ -80,6 +80,25 @@ def test_public_op_with_triton_backend_runs_autograd():
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
+def assert_linear_backends_agree(q, k, v, log_decay, s0, seg, out_atol: float, grad_atol: float) -> None:
+    """Triton vs torch linear_attention: outputs, final state and the gradient of every input."""
+    inputs = {"q": q, "k": k, "v": v, "initial_state": s0, "log_decay": log_decay}
+    names = [name for name, t in inputs.items() if t is not None]
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = {name: inputs[name].clone().requires_grad_() for name in names}
+        out, final = linear_attention(leaves["q"], leaves["k"], leaves["v"], log_decay=leaves.get("log_decay"),
+                                      initial_state=leaves["initial_state"], output_final_state=True,
+                                      segment_ids=seg, backend=backend)
+        loss = (out * rand(*out.shape, seed=8)).sum() + (final * rand(*final.shape, seed=9)).sum()
+        results.append((out, final, torch.autograd.grad(loss, [leaves[name] for name in names])))
+    (out, final, grads), (ref_out, ref_final, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=out_atol, rtol=1e-5)
+    torch.testing.assert_close(final, ref_final, atol=out_atol, rtol=1e-5)
+    for name, got, want in zip(names, grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=grad_atol, rtol=1e-4, msg=f"d{name}")
+
+
 def linear_segments(B, N):
     """Documents starting inside a tile, at a tile boundary (80) and at a chunk boundary (128)."""
     seg = torch.zeros(B, N, dtype=torch.long)
@@ -98,21 +117,7 @@ def test_linear_kernel_matches_reference(decay, with_docs):
     g = {"none": None, "scalar": -rand(B, H, N, seed=5).abs(), "channel": -rand(B, H, N, D, seed=6).abs(),
          "strong": torch.full((B, H, N, D), -20.0, device=DEVICE)}[decay]
     s0 = rand(B, H, D, D, seed=7)
-    seg = linear_segments(B, N) if with_docs else None
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)] + ([g.clone().requires_grad_()] if g is not None
-                                                                     else [])
-    results = []
-    for backend in ("triton", "torch"):
-        out, final = linear_attention(*leaves[:3], log_decay=leaves[4] if g is not None else None,
-                                      initial_state=leaves[3], output_final_state=True, segment_ids=seg,
-                                      backend=backend)
-        grads = torch.autograd.grad((out * rand(*out.shape, seed=8)).sum() + final.sum(), leaves)
-        results.append((out, final, grads))
-    (out, final, grads), (ref_out, ref_final, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(final, ref_final, atol=2e-5, rtol=1e-5)
-    for name, got, want in zip(["q", "k", "v", "initial_state", "log_decay"], grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+    assert_linear_backends_agree(q, k, v, g, s0, linear_segments(B, N) if with_docs else None, 2e-5, 5e-5)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")
@@ -130,19 +135,7 @@ def test_linear_kernel_splits_wide_heads_into_blocks(decay):
     q, k = rand(B, H, N, DK, seed=1), rand(B, H, N, DK, seed=2)
     v, s0 = rand(B, H, N, DV, seed=3), rand(B, H, DK, DV, seed=4)
     g = -rand(B, H, N, seed=5).abs() if decay == "scalar" else -rand(B, H, N, DK, seed=5).abs()
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
-    results = []
-    for backend in ("triton", "torch"):
-        out, final = linear_attention(*leaves[:3], log_decay=leaves[3], initial_state=leaves[4],
-                                      output_final_state=True, backend=backend)
-        grads = torch.autograd.grad((out * rand(*out.shape, seed=6)).sum() + (final * rand(*final.shape, seed=7)).sum(),
-                                    leaves)
-        results.append((out, final, grads))
-    (out, final, grads), (ref_out, ref_final, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, atol=5e-5, rtol=1e-5)
-    torch.testing.assert_close(final, ref_final, atol=5e-5, rtol=1e-5)
-    for name, got, want in zip(["q", "k", "v", "log_decay", "initial_state"], grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4, msg=f"d{name}")
+    assert_linear_backends_agree(q, k, v, g, s0, None, 5e-5, 2e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
