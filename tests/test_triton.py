@@ -18,10 +18,12 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
 
 
-def segments(B, N, shift=0):
+def segments(B, N, starts=(29,), last_row_start=70, shift=0):
+    """Document ids [B, N + shift]: documents start at `starts` in every row, and at last_row_start in the last."""
     seg = torch.zeros(B, N + shift, dtype=torch.long)
-    seg[:, 29:] = 1
-    seg[-1, 70:] = 2
+    for i, start in enumerate(starts):
+        seg[:, start:] = i + 1
+    seg[-1, last_row_start:] = len(starts) + 1
     return seg.to(DEVICE)
 
 
@@ -37,7 +39,7 @@ def test_flash_attention_matches_reference(case, head_dim):
     nk = N + case.get("q_start", 0)
     q, k, v = rand(B, Hq, N, head_dim, seed=1), rand(B, Hkv, nk, head_dim, seed=2), rand(B, Hkv, nk, head_dim, seed=3)
     if case.pop("segments", False):
-        seg = segments(B, N, nk - N)
+        seg = segments(B, N, shift=nk - N)
         case.update(q_seg=seg[:, nk - N:], k_seg=seg)
     case.setdefault("causal", True)
     out, lse = flash.attention_forward(q, k, v, scale=0.17, **case)
@@ -53,11 +55,12 @@ def test_flash_attention_matches_reference(case, head_dim):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
 
 
-@pytest.mark.parametrize("q_start", [0, 40])
-def test_flash_attention_wide_window_has_unmasked_interior_tiles(q_start):
-    """N=256, window 150: tiles inside both the causal and the window edge take the unmasked path."""
-    q = rand(1, 1, 256, 32, seed=1)
-    k, v = rand(1, 1, 256 + q_start, 32, seed=2), rand(1, 1, 256 + q_start, 32, seed=3)
+@pytest.mark.parametrize("q_start, head_dim", [(0, 32), (40, 32), (0, 96)])
+def test_flash_attention_wide_window_has_unmasked_interior_tiles(q_start, head_dim):
+    """N=256, window 150: tiles inside both the causal and the window edge take the unmasked path.
+    head_dim 96 runs in a 128-wide tile with the extra columns masked."""
+    q = rand(1, 1, 256, head_dim, seed=1)
+    k, v = rand(1, 1, 256 + q_start, head_dim, seed=2), rand(1, 1, 256 + q_start, head_dim, seed=3)
     opts = dict(scale=0.2, causal=True, window=150, q_start=q_start)
     out, lse = flash.attention_forward(q, k, v, **opts)
     ref_out, ref_lse = reference.attention_forward(q, k, v, **opts)
@@ -99,15 +102,6 @@ def assert_linear_backends_agree(q, k, v, log_decay, s0, seg, out_atol: float, g
         torch.testing.assert_close(got, want, atol=grad_atol, rtol=1e-4, msg=f"d{name}")
 
 
-def linear_segments(B, N):
-    """Documents starting inside a tile, at a tile boundary (80) and at a chunk boundary (128)."""
-    seg = torch.zeros(B, N, dtype=torch.long)
-    seg[:, 29:] = 1
-    seg[:, 80:] = 2
-    seg[-1, 128:] = 3
-    return seg.to(DEVICE)
-
-
 @pytest.mark.parametrize("decay", ["none", "scalar", "channel", "strong"])
 @pytest.mark.parametrize("with_docs", [False, True])
 def test_linear_kernel_matches_reference(decay, with_docs):
@@ -117,7 +111,9 @@ def test_linear_kernel_matches_reference(decay, with_docs):
     g = {"none": None, "scalar": -rand(B, H, N, seed=5).abs(), "channel": -rand(B, H, N, D, seed=6).abs(),
          "strong": torch.full((B, H, N, D), -20.0, device=DEVICE)}[decay]
     s0 = rand(B, H, D, D, seed=7)
-    assert_linear_backends_agree(q, k, v, g, s0, linear_segments(B, N) if with_docs else None, 2e-5, 5e-5)
+    # documents start inside a tile (29), at a tile boundary (80) and at a chunk boundary (128)
+    seg = segments(B, N, starts=(29, 80), last_row_start=128) if with_docs else None
+    assert_linear_backends_agree(q, k, v, g, s0, seg, 2e-5, 5e-5)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")

@@ -20,6 +20,7 @@ from longtrain.parallel.zeco import ZeCO
 
 SOFTMAX_SP = ("ring", "allgather", "ulysses", "usp", "none")
 LINEAR_SP = ("lasp1", "lasp2", "zeco", "ulysses", "none")
+STATE_PASSING_SP = ("lasp1", "lasp2", "zeco")  # pass states between ranks, so they need document_gates
 
 
 def check_algorithm(algorithm: str, known: tuple, P: int) -> None:
@@ -95,5 +96,5 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
     return ZeCO.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, zeco_blocks)
 
 
-__all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "SPContext", "document_gates", "local_positions", "pad_sequence", "shard_sequence",
-           "sp_linear_attention", "sp_softmax_attention", "unshard_sequence"]
+__all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "STATE_PASSING_SP", "SPContext", "document_gates", "local_positions",
+           "pad_sequence", "shard_sequence", "sp_linear_attention", "sp_softmax_attention", "unshard_sequence"]

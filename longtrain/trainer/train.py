@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext
 from longtrain.config import Config, layer_mixers
-from longtrain.parallel import (SPContext, comm, document_gates, local_positions, pad_sequence,
-                                shard_sequence)
+from longtrain.parallel import (STATE_PASSING_SP, SPContext, comm, document_gates, local_positions,
+                                pad_sequence, shard_sequence)
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
 from longtrain.trainer.checkpoint import (complete_checkpoints, load_deepspeed_checkpoint, load_latest_checkpoint,
@@ -96,7 +96,7 @@ class Trainer:
             self.mesh.sp_group, cfg.parallel.softmax_sp, cfg.parallel.linear_sp, cfg.parallel.layout,
             cfg.parallel.zeco_blocks, cfg.parallel.ulysses_size)
         # LASP-1/2 and ZeCO layers share one gather of document boundaries per micro-batch
-        self.has_linear_sp = self.sp is not None and cfg.parallel.linear_sp in ("lasp1", "lasp2", "zeco") and \
+        self.has_linear_sp = self.sp is not None and cfg.parallel.linear_sp in STATE_PASSING_SP and \
             any(name in LINEAR_FAMILY for name in layer_mixers(cfg.model))
         if cfg.run.resume:
             self.resume()
