@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from longtrain.attention import LINEAR_FAMILY, MixerOptions, check_mixer
+from longtrain.attention import MixerOptions, check_mixer
 from longtrain.kernels import BACKENDS
 from longtrain.parallel import LAYOUTS, LINEAR_SP, SOFTMAX_SP
 
@@ -181,10 +181,6 @@ def validate(cfg: Config) -> None:
     choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
-    has_linear = any(n in LINEAR_FAMILY for n in names)
-    if has_linear and cfg.parallel.layout != "contiguous" and cfg.parallel.linear_sp in ("lasp1", "zeco"):
-        raise ConfigError(f"parallel.layout={cfg.parallel.layout!r} with linear mixers needs parallel.linear_sp "
-                          f"lasp2 or ulysses ({cfg.parallel.linear_sp!r} passes states along contiguous slices)")
     if "window" in names and not cfg.model.window:
         raise ConfigError("mixer 'window' needs model.window > 0")
     if cfg.data.source in ("bin", "text") and not cfg.data.path:

@@ -40,8 +40,7 @@ def test_cross_field_errors():
         load_config(None, ["parallel.softmax_sp=rung"])
     with pytest.raises(ConfigError, match="data.source='bin' needs data.path"):
         load_config(None, ["data.source=bin"])
-    with pytest.raises(ConfigError, match="needs parallel.linear_sp lasp2 or ulysses"):
-        load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", "parallel.linear_sp=zeco"])
-    load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", "parallel.linear_sp=lasp2"])
+    for linear_sp in ("lasp1", "lasp2", "zeco", "ulysses"):  # every linear algorithm takes the zigzag layout
+        load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", f"parallel.linear_sp={linear_sp}"])
     with pytest.raises(ConfigError, match="model.layers has 2 entries"):
         load_config(None, ["model.layers=[gla,softmax]", "model.n_layers=4"])

@@ -1,12 +1,15 @@
 """Softmax-family SP algorithms equal the single-device op: outputs, lse and q/k/v gradients (real gloo ranks)."""
 import itertools
+import types
 
 import pytest
 import torch
 
 from longtrain.parallel.spawn import run_distributed
 from longtrain.attention import sigmoid_attention, softmax_attention
+from longtrain.kernels import get_backend
 from longtrain.parallel import comm, shard_sequence, sp_softmax_attention, unshard_sequence
+from longtrain.parallel.ring import chunk_pairs, ring_attention
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +74,50 @@ def worker_all_algorithms(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_softmax_sp_matches_single_device(world):
     run_distributed(worker_all_algorithms, world)
+
+
+def worker_p2p_nccl(rank, world):
+    comm.emulate_nccl(True)  # one request per batch, as batch_isend_irecv returns on NCCL
+    group = torch.distributed.group.WORLD
+    for layout, (causal, window, docs) in itertools.product(["contiguous", "zigzag"], [
+            (True, None, False), (False, None, False), (True, 7, False), (True, None, True)]):
+        check_case(group, "ring", layout, "softmax", causal, window, docs, 4, 2, torch.float64, 1e-10)
+    if world == 4:
+        check_case(group, "usp", "zigzag", "softmax", True, None, True, 2, 2, torch.float64, 1e-10, ulysses_size=2)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ring_and_usp_exact_under_nccl_semantics(world):
+    run_distributed(worker_p2p_nccl, world)
+
+
+def worker_ring_skips_foreign_documents(rank, world):
+    group = torch.distributed.group.WORLD
+    N, calls = 64, []
+    torch_kernels = get_backend("torch")
+    counting = types.SimpleNamespace(attention_backward=torch_kernels.attention_backward)
+    counting.attention_forward = lambda *a, **kw: calls.append(1) or torch_kernels.attention_forward(*a, **kw)
+    q, k, v, _, _ = make_inputs(2, 2, 2, N, 8, torch.float64, False)
+    seg = (torch.arange(N) // (N // 8))[None].repeat(2, 1)  # 8 documents: one per zigzag chunk at P=4
+    seg[1, 40:] = 7  # row 1: the last three chunks are one document
+    local = [shard_sequence(t, 2, group, "zigzag") for t in (q, k, v)]
+    opts = dict(scale=8 ** -0.5, causal=True, window=None, kind="softmax", sigmoid_bias=0.0)
+    counts = []
+    for segment_ids in (None, seg):
+        calls.clear()
+        shard = None if segment_ids is None else shard_sequence(segment_ids, 1, group, "zigzag")
+        out, _ = ring_attention(*local, shard, group, "zigzag", counting, opts)
+        want, _ = softmax_attention(q, k, v, causal=True, segment_ids=segment_ids)
+        assert (out - shard_sequence(want, 2, group, "zigzag")).abs().max() < 1e-10
+        counts.append(len(calls))
+    # rank r holds chunks r and 7-r; pairs sharing a document: its two diagonal pairs, plus (7, 5), (7, 6) on
+    # rank 0 and (6, 5) on rank 1, inside row 1's last document
+    return counts, {0: 4, 1: 3, 2: 2, 3: 2}[rank]
+
+
+def test_ring_skips_chunk_pairs_without_a_shared_document():
+    for (full_calls, doc_calls), shared in run_distributed(worker_ring_skips_foreign_documents, 4):
+        assert doc_calls == shared < full_calls, (doc_calls, shared, full_calls)
 
 
 def worker_usp(rank, world):
@@ -140,14 +187,16 @@ def worker_allgather_ulysses_bytes(rank, world):
     group = torch.distributed.group.WORLD
     shard_bytes = B * H * (N // world) * D * 4
     lse_bytes = B * H * (N // world) * 4
-    # all-gather: K and V shards to P-1 ranks, reduce-scatter of dK, dV back. Ulysses: (P-1)/P of q, k, v, out
-    # and lse forward; of dout, dq, dk, dv backward.
-    for algorithm, expected_fwd, expected_bwd in [
-            ("allgather", 2 * (world - 1) * shard_bytes, 2 * (world - 1) * shard_bytes),
-            ("ulysses", (world - 1) * (4 * shard_bytes + lse_bytes) // world, 4 * (world - 1) * shard_bytes // world)]:
+    # all-gather: K and V shards to P-1 ranks, again in backward (or not with save_gathered_kv), reduce-scatter of
+    # dK, dV back. Ulysses: (P-1)/P of q, k, v, out and lse forward; of dout, dq, dk, dv backward.
+    for algorithm, save, expected_fwd, expected_bwd in [
+            ("allgather", False, 2 * (world - 1) * shard_bytes, 4 * (world - 1) * shard_bytes),
+            ("allgather", True, 2 * (world - 1) * shard_bytes, 2 * (world - 1) * shard_bytes),
+            ("ulysses", False, (world - 1) * (4 * shard_bytes + lse_bytes) // world,
+             4 * (world - 1) * shard_bytes // world)]:
         comm.reset_counters()
         local = [shard_sequence(t, 2, group).requires_grad_() for t in (q, k, v)]
-        out, _ = sp_softmax_attention(*local, group=group, algorithm=algorithm)
+        out, _ = sp_softmax_attention(*local, group=group, algorithm=algorithm, save_gathered_kv=save)
         out.backward(shard_sequence(dout, 2, group))
         assert comm.BYTES_SENT[f"{algorithm}_fwd"] == expected_fwd, (algorithm, comm.BYTES_SENT)
         assert comm.BYTES_SENT[f"{algorithm}_bwd"] == expected_bwd, (algorithm, comm.BYTES_SENT)
@@ -159,3 +208,20 @@ def worker_allgather_ulysses_bytes(rank, world):
 
 def test_allgather_and_ulysses_bytes_match_formulas():
     run_distributed(worker_allgather_ulysses_bytes, 4)
+
+
+def ring_causal_work(P: int, layout: str, rank: int, n_local: int = 16) -> int:
+    """Unmasked (query, key) pairs that `rank` computes over all ring steps of causal attention."""
+    work = 0
+    for src in range(P):
+        for qc, kc in chunk_pairs(n_local, P, rank, src, layout, True, None):
+            q_pos, k_pos = torch.arange(qc[1], qc[1] + qc[2]), torch.arange(kc[1], kc[1] + kc[2])
+            work += int((q_pos[:, None] >= k_pos[None]).sum())
+    return work
+
+
+def test_zigzag_balances_the_softmax_layers_of_a_zeco_hybrid():
+    # ZeCO and LASP-1 take the zigzag layout (tests/test_sp_linear.py), so a hybrid's ring layers can use it
+    for layout, max_over_mean in [("contiguous", 904 / 520), ("zigzag", 1.0)]:
+        work = [ring_causal_work(4, layout, r) for r in range(4)]
+        assert max(work) / (sum(work) / 4) == pytest.approx(max_over_mean, rel=1e-9), (layout, work)

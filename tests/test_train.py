@@ -140,7 +140,8 @@ def test_flops_per_token_matches_counted_matmul_flops(pattern, tied):
 SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", "zeco", "allgather", "contiguous"),
             ("mamba2,window", "lasp1", "ring", "contiguous"), ("retention,sigmoid", "ulysses", "ulysses", "contiguous"),
             ("gla,gated_softmax", "lasp2", "ring", "zigzag"), ("lightning,softmax", "zeco", "usp", "contiguous"),
-            ("linear,window", "lasp2", "allgather", "contiguous")]
+            ("linear,window", "lasp2", "allgather", "contiguous"), ("gla*3,softmax", "zeco", "ring", "zigzag"),
+            ("mamba2,window", "lasp1", "allgather", "zigzag")]
 
 
 def sp_step_matches_single_device(trainer, batch, n_tokens: int, name: str) -> None:

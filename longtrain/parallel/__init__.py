@@ -34,11 +34,12 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
                          layout: str = "contiguous", causal: bool = True, window: int | None = None,
                          segment_ids: Tensor | None = None, scale: float | None = None, kind: str = "softmax",
                          sigmoid_bias: float = 0.0, ulysses_size: int = 1, return_lse: bool = True,
-                         backend: str = "torch") -> tuple[Tensor, Tensor | None]:
+                         backend: str = "torch", save_gathered_kv: bool = False) -> tuple[Tensor, Tensor | None]:
     """This rank's shard of single-device softmax (or sigmoid) attention; inputs are shards in `layout`.
 
     Returns (out [B, Hq, N/P, D], lse [B, Hq, N/P] float32). lse is None for kind="sigmoid" and when
-    return_lse=False (the mixers' case: Ulysses and USP then skip sending it back).
+    return_lse=False (the mixers' case: Ulysses and USP then skip sending it back). save_gathered_kv: allgather
+    keeps the gathered K/V for backward instead of gathering them again.
     """
     P = group_size(group)
     check_algorithm(algorithm, SOFTMAX_SP, P)
@@ -53,7 +54,7 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
     elif algorithm == "ring":
         out, lse = ring_attention(q, k, v, segment_ids, group, layout, kernels, opts)
     elif algorithm == "allgather":
-        out, lse = allgather_attention(q, k, v, segment_ids, group, layout, kernels, opts)
+        out, lse = allgather_attention(q, k, v, segment_ids, group, layout, kernels, opts, save_gathered_kv)
     elif algorithm == "usp":
         out, lse = usp_attention(q, k, v, segment_ids, group, layout, ulysses_size, kernels, opts, return_lse)
     else:
@@ -68,7 +69,7 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
                         doc_gates: Tensor | None = None) -> Tensor:
     """This rank's shard of single-device `linear_attention`; inputs are shards [B, H, N/P, D] in `layout`.
 
-    lasp1 and zeco pass states along the ring and need the contiguous layout; lasp2 and ulysses take either.
+    Every algorithm takes either layout (lasp1 and zeco then scan over ranks 0..P-1 and back).
     doc_gates: `document_gates(segment_ids, group, layout)` when the caller has them (a model computes them
     once per step for all its layers); otherwise they are gathered here.
     """
@@ -77,9 +78,6 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
     check_linear_inputs(q, k, v, log_decay, None, segment_ids)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    if layout != "contiguous" and algorithm in ("lasp1", "zeco") and P > 1:
-        raise ValueError(f"linear SP algorithm {algorithm!r} needs layout='contiguous' (got {layout!r}); "
-                         f"lasp2 and ulysses support zigzag")
     kernels = get_backend(backend)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if algorithm == "none" or P == 1:
@@ -90,10 +88,11 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
     if doc_gates is None:
         doc_gates = document_gates(segment_ids, group, layout)
     if algorithm == "lasp1":
-        return Lasp1.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels)
+        return Lasp1.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, layout)
     if algorithm == "lasp2":
         return Lasp2.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, layout)
-    return ZeCO.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, zeco_blocks)
+    return ZeCO.apply(q, k, v, log_decay, segment_ids, doc_gates, group, scale, chunk_size, kernels, zeco_blocks,
+                      layout)
 
 
 __all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "STATE_PASSING_SP", "SPContext", "document_gates", "local_positions",

@@ -1,47 +1,47 @@
 """LASP-1 (Sun et al. 2024): the linear-attention state scan as a sequential ring of P2P sends.
 
 Communication (per rank, P ranks): forward receives S_r [B, H, Dk, Dv] from rank r-1 and sends
-A_r S_r + M_r to rank r+1 (the receive is posted before the local pass, so it overlaps it); backward
-receives W_{r+1} from rank r+1 and sends W_r to rank r-1. One state per rank per direction, whatever N.
+A_r S_r + M_r to rank r+1; backward receives W_{r+1} from rank r+1 and sends W_r to rank r-1. One
+state per rank per direction, whatever N. Overlap: the receive is posted before the local pass, so
+the transfer into this rank overlaps it; the chain itself is sequential, about (P-1) full-state hops
+(ZeCO pipelines it). With the zigzag layout the chain visits ranks 0..P-1 and back (`state_scan.py`).
 """
 import torch
 
-from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.linear_state import (combine, correction_backward, finish_forward, gate_of, local_backward,
-                                             local_pass, zero_state)
+from longtrain.kernels.reference import acc_dtype
+from longtrain.parallel.comm import group_rank, group_size
+from longtrain.parallel.linear_state import correct, correction_backward, local_backward, local_passes
+from longtrain.parallel.sharding import local_chunks
+from longtrain.parallel.state_scan import post_receives, scan_backward, scan_forward, scan_route
 
 
 class Lasp1(torch.autograd.Function):
     """This rank's shard of linear attention over the whole sequence, states passed along the ring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend):
+    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend, layout):
         P, r = group_size(group), group_rank(group)
-        state_in = zero_state(q, v)
-        recv = p2p([], [(state_in, r - 1)], group, "lasp1_fwd") if r > 0 else []
-        lp = local_pass(q, k, v, log_decay, seg, scale, chunk_size, backend)
-        wait(recv)
-        state_in = state_in * gate_of(gates, r, state_in)
-        send = []
-        if r < P - 1:
-            send = p2p([(combine(backend, lp.decay.detach(), state_in, lp.state.detach()), r + 1)], [], group,
-                       "lasp1_fwd")
-        out = finish_forward(ctx, lp, state_in, q)
-        wait(send)
-        ctx.group, ctx.gates = group, gates
-        return out
+        route = scan_route(P, r, layout)
+        shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])  # [B, H, Dk, Dv]
+        incoming = post_receives(route, r, False, shape, acc_dtype(q), q.device, 1, group, "lasp1_fwd")
+        chunks = local_chunks(q.shape[2], P, r, layout)
+        lps = local_passes(q, k, v, log_decay, seg, scale, chunk_size, backend, chunks)
+        summaries = [(lp.state.detach(), lp.decay.detach()) for lp in lps]
+        states_in = scan_forward(summaries, route, r, gates, incoming, 1, backend, group, "lasp1_fwd")
+        ctx.group, ctx.gates, ctx.route, ctx.chunks, ctx.lps, ctx.states_in = group, gates, route, chunks, lps, states_in
+        return torch.cat([correct(lp, s) for lp, s in zip(lps, states_in)], 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        group, gates, lp, state_in = ctx.group, ctx.gates, ctx.lp, ctx.state_in
-        P, r = group_size(group), group_rank(group)
-        w_next = torch.zeros_like(state_in) if r < P - 1 else None
-        recv = p2p([], [(w_next, r + 1)], group, "lasp1_bwd") if w_next is not None else []
-        correction, grad_state = correction_backward(lp, dout, state_in)
-        wait(recv)
-        if w_next is not None:
-            grad_state = combine(lp.backend, lp.decay.detach(), w_next, grad_state)
-        send = p2p([(gate_of(gates, r, grad_state) * grad_state, r - 1)], [], group, "lasp1_bwd") if r > 0 else []
-        grads = local_backward(lp, dout, state_in, w_next, correction)
-        wait(send)
-        return (*grads, None, None, None, None, None, None)
+        group, lps, states_in = ctx.group, ctx.lps, ctx.states_in
+        r = group_rank(group)
+        incoming = post_receives(ctx.route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, 1, group,
+                                 "lasp1_bwd")
+        douts = [dout.narrow(2, off, n) for off, _, n in ctx.chunks]
+        corrections = [correction_backward(lp, d, s) for lp, d, s in zip(lps, douts, states_in)]
+        w_after = scan_backward([g for _, g in corrections], [lp.decay.detach() for lp in lps], ctx.route, r,
+                                ctx.gates, incoming, 1, lps[0].backend, group, "lasp1_bwd")
+        grads = [local_backward(lp, d, s, w, corr)
+                 for lp, d, s, w, (corr, _) in zip(lps, douts, states_in, w_after, corrections)]
+        merged = [None if parts[0] is None else torch.cat(parts, 2) for parts in zip(*grads)]
+        return (*merged, None, None, None, None, None, None, None)

@@ -60,6 +60,28 @@ def local_pass(q, k, v, log_decay, segment_ids, scale: float, chunk_size: int, b
     return LocalPass(inputs, out, state, decay, b, from_state, scale, backend)
 
 
+def narrow(t: Tensor | None, off: int, n: int, dim: int = 2) -> Tensor | None:
+    return None if t is None else t.narrow(dim, off, n)
+
+
+def local_passes(q, k, v, log_decay, segment_ids, scale: float, chunk_size: int, backend, chunks: list,
+                 on_summaries=None) -> list[LocalPass]:
+    """local_pass of each chunk this rank holds ((offset, start, length) from local_chunks).
+
+    on_summaries([(M_c, A_c) of every own chunk]) runs as soon as the last chunk's M exists, before its output
+    products, so the algorithm's communication overlaps them.
+    """
+    lps = []
+    for i, (off, _, n) in enumerate(chunks):
+        hook = None
+        if on_summaries is not None and i == len(chunks) - 1:
+            done = [(lp.state.detach(), lp.decay.detach()) for lp in lps]
+            hook = lambda state, decay, done=done: on_summaries(done + [(state, decay)])
+        lps.append(local_pass(narrow(q, off, n), narrow(k, off, n), narrow(v, off, n), narrow(log_decay, off, n),
+                              narrow(segment_ids, off, n, 1), scale, chunk_size, backend, state_first=hook))
+    return lps
+
+
 def combine(backend, decay: Tensor, state_in: Tensor, state: Tensor) -> Tensor:
     """The state combine A * S_in + M, A [B, H, Dk|1] scaling the rows of S [B, H, Dk, Dv]."""
     return backend.state_combine(decay, state_in, state).to(state.dtype)
@@ -117,21 +139,53 @@ def correction_backward(lp: LocalPass, dout: Tensor, state_in: Tensor) -> tuple[
     return (dq, db.to(lp.b.dtype)), grad_state.to(state_in.dtype)
 
 
-def local_backward(lp: LocalPass, dout: Tensor, state_in: Tensor, w_next: Tensor | None, correction: tuple):
-    """Gradients of q, k, v, log_decay given dout, the correction's (dq, db) and W_{r+1} from the next rank."""
+def input_grads(lp: LocalPass, roots: list, grads: list, keep_graph: bool = False) -> list:
+    """Gradients of lp's inputs (q, k, v, log_decay; None where not needed) from the given roots."""
+    keep = [i for i, root in enumerate(roots) if root.requires_grad]
+    leaves = [t for t in lp.inputs if t is not None and t.requires_grad]
+    if not keep or not leaves:
+        return [None] * len(lp.inputs)
+    found = iter(torch.autograd.grad([roots[i] for i in keep], leaves, [grads[i] for i in keep], allow_unused=True,
+                                     retain_graph=keep_graph))
+    return [next(found) if t is not None and t.requires_grad else None for t in lp.inputs]
+
+
+def state_grads(lp: LocalPass, state_in: Tensor, w_next: Tensor) -> list:
+    """The part of the local backward through M_r and A_r, given W_{r+1} from the next chunk."""
+    return input_grads(lp, [lp.state, lp.decay], [w_next, decay_grad(lp.decay, state_in, w_next)])
+
+
+def add_grads(a: list, b: list) -> list:
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+
+
+def overlap_backward(lp: LocalPass) -> bool:
+    """Whether the local backward may run as two autograd calls around the state communication (local_backward
+    without W while it is in flight, state_grads after). Not with a fused chunked backward (its kernels would run twice),
+    nor under saved-tensor hooks: under activation checkpointing every autograd call recomputes the whole block,
+    its communication included, so one call after the communication is both cheaper and safe. Called in the
+    forward, where the hooks are visible.
+    """
+    fused = getattr(lp.backend, "FUSED_LINEAR_BACKWARD", False)
+    return not fused and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def local_backward(lp: LocalPass, dout: Tensor, state_in: Tensor, w_next: Tensor | None, correction: tuple,
+                   keep_graph: bool = False) -> list:
+    """Gradients of q, k, v, log_decay given dout, the correction's (dq, db) and W_{r+1} from the next chunk.
+
+    With w_next=None (and keep_graph=True while state_grads is still to come) it is the part that needs no
+    W_{r+1}, which can run while W is in flight.
+    """
     dq_correction, db_correction = correction
     roots, grads = [lp.out, lp.b], [dout.to(lp.out.dtype), db_correction]
     if w_next is not None:
         roots += [lp.state, lp.decay]
         grads += [w_next, decay_grad(lp.decay, state_in, w_next)]
-    keep = [i for i, root in enumerate(roots) if root.requires_grad]
-    roots, grads = [roots[i] for i in keep], [grads[i] for i in keep]
-    leaves = [t for t in lp.inputs if t is not None and t.requires_grad]
-    found = iter(torch.autograd.grad(roots, leaves, grads, allow_unused=True))
-    result = [next(found) if t is not None and t.requires_grad else None for t in lp.inputs]
+    result = input_grads(lp, roots, grads, keep_graph)
     if result[0] is not None:
         result[0] = result[0] + dq_correction.to(result[0].dtype)
-    return tuple(result)
+    return result
 
 
 def zero_state(q: Tensor, v: Tensor) -> Tensor:

@@ -6,22 +6,52 @@ Communication (per rank, P ranks, local K/V of shape [B, Hkv, N/P, D]):
   backward: K/V rotate again (P-1 hops); the dK/dV accumulator of each block travels with it (P hops)
             and arrives back at its owner; dK/dV transfers overlap the next step's compute.
 Query/key chunk pairs that the causal or window mask hides entirely are skipped; with the zigzag layout
-every rank then does the same causal work.
+every rank then does the same causal work. With packed documents (ids non-decreasing along the sequence),
+pairs whose chunks share no document are skipped too: one all-gather of each chunk's first and last
+document id at the start of the forward tells every rank which pairs are empty.
 """
 import torch
 from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype, merge_partials, tile_is_masked
-from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.sharding import local_chunks
+from longtrain.parallel.comm import all_gather, group_rank, group_size, p2p, wait
+from longtrain.parallel.sharding import chunk_ids, local_chunks
 
 
-def chunk_pairs(n_local: int, P: int, q_rank: int, k_rank: int, layout: str, causal: bool, window: int | None):
-    """Unmasked (q_chunk, k_chunk) pairs between the tokens of q_rank and k_rank."""
+def document_spans(seg: Tensor | None, group, layout: str) -> list | None:
+    """[chunk][row] = (first, last) document id of every global chunk; None without documents or when the
+    ids are not non-decreasing along the sequence (then no pair is skipped for documents)."""
+    if seg is None:
+        return None
+    P = group_size(group)
+    parts = seg.chunk(len(chunk_ids(P, 0, layout)), 1)
+    local = torch.stack([torch.stack([p[:, 0], p[:, -1], (p.diff(dim=1) >= 0).all(1).long()], 1) for p in parts])
+    gathered, _ = all_gather(local.long(), group, "ring_docs")  # [P, chunks per rank, B, 3]
+    spans = [None] * (P * len(parts))
+    for p in range(P):
+        for i, c in enumerate(chunk_ids(P, p, layout)):
+            spans[c] = gathered[p, i].tolist()
+    rows = range(len(spans[0]))
+    ordered = all(s[b][2] for s in spans for b in rows) and all(
+        spans[c][b][0] >= spans[c - 1][b][1] for c in range(1, len(spans)) for b in rows)
+    return spans if ordered else None
+
+
+def share_document(spans: list | None, q_chunk: int, k_chunk: int) -> bool:
+    """Whether some row has a document in both chunks (sorted ids: their id ranges intersect)."""
+    if spans is None:
+        return True
+    return any(max(q[0], k[0]) <= min(q[1], k[1]) for q, k in zip(spans[q_chunk], spans[k_chunk]))
+
+
+def chunk_pairs(n_local: int, P: int, q_rank: int, k_rank: int, layout: str, causal: bool, window: int | None,
+                spans: list | None = None):
+    """(q_chunk, k_chunk) pairs between the tokens of q_rank and k_rank that have unmasked entries."""
     q_chunks = local_chunks(n_local, P, q_rank, layout)
     k_chunks = local_chunks(n_local, P, k_rank, layout)
     return [(qc, kc) for qc in q_chunks for kc in k_chunks
-            if not tile_is_masked(qc[1], qc[1] + qc[2], kc[1], kc[1] + kc[2], causal, window)]
+            if not tile_is_masked(qc[1], qc[1] + qc[2], kc[1], kc[1] + kc[2], causal, window)
+            and share_document(spans, qc[1] // qc[2], kc[1] // kc[2])]
 
 
 def seq_slice(x: Tensor | None, chunk: tuple[int, int, int], dim: int = 2) -> Tensor | None:
@@ -36,6 +66,7 @@ class RingAttention(torch.autograd.Function):
         P, r = group_size(group), group_rank(group)
         n_local = q.shape[2]
         kind, dt = opts["kind"], acc_dtype(q)
+        spans = document_spans(seg, group, layout)
         out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=dt)
         lse = q.new_full(q.shape[:3], -torch.inf, dtype=dt) if kind == "softmax" else None
         block = [t.contiguous() for t in [k, v] + ([] if seg is None else [seg])]
@@ -47,7 +78,7 @@ class RingAttention(torch.autograd.Function):
                 reqs = p2p([(t, (r + 1) % P) for t in block], [(t, (r - 1) % P) for t in nxt], group, "ring_fwd")
             k_blk, v_blk = block[0], block[1]
             k_seg = block[2] if seg is not None else None
-            for qc, kc in chunk_pairs(n_local, P, r, src, layout, opts["causal"], opts["window"]):
+            for qc, kc in chunk_pairs(n_local, P, r, src, layout, opts["causal"], opts["window"], spans):
                 o_part, lse_part = backend.attention_forward(
                     seq_slice(q, qc), seq_slice(k_blk, kc), seq_slice(v_blk, kc), q_seg=seq_slice(seg, qc, 1),
                     k_seg=seq_slice(k_seg, kc, 1), q_start=qc[1], k_start=kc[1], **opts)
@@ -60,7 +91,7 @@ class RingAttention(torch.autograd.Function):
             if nxt is not None:
                 block = nxt
         ctx.save_for_backward(q, k, v, seg, out, lse)
-        ctx.group, ctx.layout, ctx.backend, ctx.opts = group, layout, backend, opts
+        ctx.group, ctx.layout, ctx.backend, ctx.opts, ctx.spans = group, layout, backend, opts, spans
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -87,7 +118,7 @@ class RingAttention(torch.autograd.Function):
             k_seg = block[2] if seg is not None else None
             dk_blk = torch.zeros_like(k_blk, dtype=out.dtype)
             dv_blk = torch.zeros_like(v_blk, dtype=out.dtype)
-            for qc, kc in chunk_pairs(n_local, P, r, src, layout, opts["causal"], opts["window"]):
+            for qc, kc in chunk_pairs(n_local, P, r, src, layout, opts["causal"], opts["window"], ctx.spans):
                 sq = slice(qc[0], qc[0] + qc[2])
                 dq_p, dk_p, dv_p = backend.attention_backward(
                     seq_slice(dout, qc), seq_slice(q, qc), seq_slice(k_blk, kc), seq_slice(v_blk, kc), None,

@@ -1,16 +1,25 @@
-"""ZeCO All-Scan (2025): the state scan pipelined in K blocks along Dv.
+"""ZeCO All-Scan (2025): the state scan pipelined in K blocks along Dv and overlapped with local compute.
 
-Communication (per rank, P ranks): forward receives block b of S_r [B, H, Dk, Dv/K] from rank r-1,
-forms block b of A_r S_r + M_r and sends it to rank r+1 while block b+1 is in flight, so the scan
-costs about P-1+K-1 block hops instead of P-1 full-state hops, and each rank sends exactly one
-state's bytes. The scan runs right after the cheap state pass; the last sends drain while the
-intra-slice output pass computes. Backward runs the same pipeline in reverse on W blocks.
+Communication (per rank, P ranks): forward receives S_r [B, H, Dk, Dv] from rank r-1 as K blocks
+[B, H, Dk, Dv/K], each its own request; as soon as block b arrives, block b of A_r S_r + M_r goes to
+rank r+1. The scan costs about (P-1) + (K-1) block hops instead of P-1 full-state hops, and each rank
+sends exactly one state's bytes. Overlap: the receives are posted before the local pass; the scan starts
+as soon as this rank's M_r exists and runs on a side CUDA stream (a thread on CPU) while the intra-slice
+output products compute; the outputs take S_r once both are done. Backward runs the same pipeline in
+reverse on the state gradients W, overlapped with the local backward through the outputs (all of it
+but the gradients through M_r and A_r, which need W_{r+1}); see `overlap_backward` for when the scan
+runs first instead. With the zigzag layout the scan visits ranks 0..P-1 and back
+(`state_scan.py`), so hybrid models keep their ring attention balanced.
 """
 import torch
 
-from longtrain.parallel.comm import group_rank, group_size, p2p, wait
-from longtrain.parallel.linear_state import (combine, correction_backward, finish_forward, gate_of,
-                                             local_backward, local_pass, zero_state)
+from longtrain.kernels import get_backend
+from longtrain.kernels.reference import acc_dtype
+from longtrain.parallel.comm import Overlap, group_rank, group_size
+from longtrain.parallel.linear_state import (add_grads, correct, correction_backward, local_backward, local_passes,
+                                             overlap_backward, state_grads)
+from longtrain.parallel.sharding import local_chunks
+from longtrain.parallel.state_scan import post_receives, scan_backward, scan_forward, scan_route
 
 DEFAULT_BLOCKS = 4
 
@@ -23,49 +32,59 @@ def num_blocks(dv: int, blocks: int | None) -> int:
     return min(k, dv)
 
 
+def scan_backend(backend, device: torch.device):
+    """Kernels of the scan's state combines: on CPU the scan runs on a thread, and Triton on CPU is its interpreter,
+    which is not thread-safe, so the combines run in torch there."""
+    return backend if device.type == "cuda" else get_backend("torch")
+
+
 class ZeCO(torch.autograd.Function):
     """This rank's shard of linear attention; the state prefix arrives through the All-Scan pipeline."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend, blocks):
+    def forward(ctx, q, k, v, log_decay, seg, gates, group, scale, chunk_size, backend, blocks, layout):
         P, r = group_size(group), group_rank(group)
-        state_in = zero_state(q, v)
-        parts_in = [part.contiguous() for part in state_in.tensor_split(num_blocks(v.shape[-1], blocks), -1)]
-        recv = p2p([], [(part, r - 1) for part in parts_in], group, "zeco_fwd") if r > 0 else []
-        sends = []
+        route, K = scan_route(P, r, layout), num_blocks(v.shape[-1], blocks)
+        shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])  # [B, H, Dk, Dv]
+        incoming = post_receives(route, r, False, shape, acc_dtype(q), q.device, K, group, "zeco_fwd")
+        scan_kernels = scan_backend(backend, q.device)
+        scan = {}
 
-        def all_scan(state, decay):
-            for b, part in enumerate(parts_in):
-                if recv:
-                    recv[b].wait()
-                part.mul_(gate_of(gates, r, part))
-                if r < P - 1:
-                    state_b = state.tensor_split(len(parts_in), -1)[b]
-                    sends.extend(p2p([(combine(backend, decay, part, state_b), r + 1)], [], group, "zeco_fwd"))
+        def start_scan(summaries):
+            scan["job"] = Overlap(lambda: scan_forward(summaries, route, r, gates, incoming, K, scan_kernels, group,
+                                                       "zeco_fwd"), q.device)
 
-        lp = local_pass(q, k, v, log_decay, seg, scale, chunk_size, backend, state_first=all_scan)
-        state_in = torch.cat(parts_in, -1)
-        out = finish_forward(ctx, lp, state_in, q)
-        wait(sends)
-        ctx.group, ctx.gates, ctx.blocks = group, gates, len(parts_in)
-        return out
+        chunks = local_chunks(q.shape[2], P, r, layout)
+        lps = local_passes(q, k, v, log_decay, seg, scale, chunk_size, backend, chunks, start_scan)
+        states_in = scan["job"].join()
+        ctx.group, ctx.gates, ctx.route, ctx.blocks, ctx.chunks = group, gates, route, K, chunks
+        ctx.lps, ctx.states_in, ctx.overlap = lps, states_in, overlap_backward(lps[0])
+        return torch.cat([correct(lp, s) for lp, s in zip(lps, states_in)], 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        group, gates, lp, state_in = ctx.group, ctx.gates, ctx.lp, ctx.state_in
-        P, r = group_size(group), group_rank(group)
-        correction, grad_state = correction_backward(lp, dout, state_in)
-        grad_parts = grad_state.tensor_split(ctx.blocks, -1)
-        w_parts = [torch.zeros_like(g).contiguous() for g in grad_parts] if r < P - 1 else []
-        recv = p2p([], [(w, r + 1) for w in w_parts], group, "zeco_bwd") if w_parts else []
-        decay, sends = lp.decay.detach(), []
-        for b, grad_b in enumerate(grad_parts):
-            if recv:
-                recv[b].wait()
-                grad_b = combine(lp.backend, decay, w_parts[b], grad_b.contiguous())
-            if r > 0:
-                sends.extend(p2p([(gate_of(gates, r, grad_b) * grad_b, r - 1)], [], group, "zeco_bwd"))
-        w_next = torch.cat(w_parts, -1) if w_parts else None
-        grads = local_backward(lp, dout, state_in, w_next, correction)
-        wait(sends)
-        return (*grads, None, None, None, None, None, None, None)
+        group, gates, route, K, lps, states_in = ctx.group, ctx.gates, ctx.route, ctx.blocks, ctx.lps, ctx.states_in
+        r = group_rank(group)
+        incoming = post_receives(route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, K, group,
+                                 "zeco_bwd")
+        douts = [dout.narrow(2, off, n) for off, _, n in ctx.chunks]
+        corrections = [correction_backward(lp, d, s) for lp, d, s in zip(lps, douts, states_in)]
+        decays = [lp.decay.detach() for lp in lps]
+
+        def scan():
+            return scan_backward([g for _, g in corrections], decays, route, r, gates, incoming, K,
+                                 scan_backend(lps[0].backend, dout.device), group, "zeco_bwd")
+
+        if ctx.overlap:
+            job = Overlap(scan, dout.device)
+            grads = [local_backward(lp, d, s, None, corr, keep_graph=nxt is not None)
+                     for lp, d, s, (corr, _), (_, _, nxt) in zip(lps, douts, states_in, corrections, route)]
+            w_after = job.join()
+            grads = [g if w is None else add_grads(g, state_grads(lp, s, w))
+                     for g, lp, s, w in zip(grads, lps, states_in, w_after)]
+        else:
+            w_after = scan()
+            grads = [local_backward(lp, d, s, w, corr)
+                     for lp, d, s, w, (corr, _) in zip(lps, douts, states_in, w_after, corrections)]
+        merged = [None if parts[0] is None else torch.cat(parts, 2) for parts in zip(*grads)]
+        return (*merged, None, None, None, None, None, None, None, None)
