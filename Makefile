@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test clean
+.PHONY: train test gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,12 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# One GPU, under 8 minutes: compiled Triton tests, kernel and op benchmarks, a 32k training run, peak
+# memory per N; appends a dated section to benchmarks/RESULTS.md. fla (chunk_gla baseline) is optional.
+gpu-check: $(STAMP)
+	-$(PY) -m pip install -q flash-linear-attention
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs wandb

@@ -8,6 +8,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from longtrain.attention import MixerOptions, check_mixer
 from longtrain.kernels import BACKENDS
 from longtrain.parallel import LAYOUTS, LINEAR_SP, SOFTMAX_SP
+from longtrain.parallel.sharding import num_chunks
 
 
 @dataclass
@@ -23,6 +24,8 @@ class ModelConfig(MixerOptions):
     mlp_hidden: int | None = None  # default: 8/3 d_model rounded up to a multiple of 32
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
+    checkpoint_mode: str = "block"  # block (recompute each block) | mixer (recompute only the token mixers)
+    loss_chunk: int = 1024  # tokens per chunk of the head + loss (never the full logits); 0: full logits
 
 
 @dataclass
@@ -72,17 +75,19 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda
+    offload_activations: bool = False  # blocks' saved activations go to CPU memory (where not recomputed)
 
 
 @dataclass
 class KernelsConfig:
-    backend: str = "torch"
+    backend: str = "auto"  # auto | torch | triton (longtrain/kernels/__init__.py says what auto picks)
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    resume: bool = True
+    resume: bool | str = True  # true: newest intact checkpoint | strict: newest or stop | false: start over
+    stop_timeout: int = 300  # seconds from a stop signal to SIGKILL: one step plus one save must fit
     progress: bool = True
 
 
@@ -134,6 +139,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
     except ConfigKeyError as e:
         raise ConfigError(f"unknown config key {e.full_key!r}{closest_key(e.full_key)}") from None
     except OmegaConfBaseException as e:
@@ -178,10 +185,31 @@ def validate(cfg: Config) -> None:
     choice(cfg.train.precision, ["auto", "bf16", "fp32"], "train.precision")
     choice(cfg.train.engine, ["fsdp", "ddp", "deepspeed"], "train.engine")
     choice(cfg.train.zero_stage, [0, 1, 2, 3], "train.zero_stage")
+    choice(cfg.model.checkpoint_mode, ["block", "mixer"], "model.checkpoint_mode")
     choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
+    choice(cfg.run.resume, [True, False, "strict"], "run.resume")
+    for key in ("train.lr", "train.steps", "train.grad_accum", "data.seq_len", "data.batch_size", "run.stop_timeout"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
+    parts = num_chunks(cfg.parallel.sp_size, cfg.parallel.layout)
+    if cfg.data.seq_len % parts and not cfg.parallel.pad:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into {parts} equal chunks "
+                          f"(parallel.sp_size={cfg.parallel.sp_size}, {cfg.parallel.layout}); "
+                          f"set parallel.pad=true or a multiple of {parts}")
+    if cfg.parallel.sp_size % cfg.parallel.ulysses_size:
+        raise ConfigError(f"parallel.ulysses_size={cfg.parallel.ulysses_size} must divide "
+                          f"parallel.sp_size={cfg.parallel.sp_size}")
     if "window" in names and not cfg.model.window:
         raise ConfigError("mixer 'window' needs model.window > 0")
     if cfg.data.source in ("bin", "text") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")
+
+
+def check_world(cfg: Config, world: int) -> None:
+    """The world size must be dp x parallel.sp_size for a whole dp >= 1."""
+    sp = cfg.parallel.sp_size
+    if world % sp:
+        hint = f": start it with `longtrain launch --nproc {sp}`, or set parallel.sp_size=1" if world == 1 else ""
+        raise ConfigError(f"parallel.sp_size={sp} does not divide the world size {world}{hint}")

@@ -1,4 +1,5 @@
-"""dp x sp layouts under FSDP2, DDP and DeepSpeed ZeRO train exactly like one process on the same global batch."""
+"""dp x sp layouts under FSDP2, DDP and DeepSpeed ZeRO, built by parallelize with chunked loss, checkpointing and
+offload, train exactly like one plain process (full logits, no recompute) on the same global batch."""
 import os
 
 import numpy as np
@@ -16,11 +17,18 @@ BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.patter
         "run.progress=false", "run.resume=false", "wandb.mode=disabled"]
 
 
-def run(run_dir, engine, sp, dp, zero_stage=2):
-    """Losses per step and the final full parameters of a short training run."""
+# (activation_checkpointing, checkpoint_mode, offload_activations) per engine; loss over chunks of 8 tokens
+MEMORY = {"fsdp": (True, "block", False), "ddp": (True, "mixer", True), "deepspeed": (True, "mixer", False)}
+
+
+def run(run_dir, engine, sp, dp, zero_stage=2, plain=False):
+    """Losses per step and the final full parameters of a short training run; plain: today's full-logits loss."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    cfg = load_config(None, BASE + [f"run.dir={run_dir}", f"train.engine={engine}", f"parallel.sp_size={sp}",
-                                    f"data.batch_size={MICRO * 2 // dp}", f"train.zero_stage={zero_stage}"])
+    ac, mode, offload = (False, "block", False) if plain else MEMORY[engine]
+    memory = [f"model.loss_chunk={0 if plain else 8}", f"model.activation_checkpointing={ac}",
+              f"model.checkpoint_mode={mode}", f"train.offload_activations={offload}"]
+    cfg = load_config(None, BASE + memory + [f"run.dir={run_dir}", f"train.engine={engine}", f"parallel.sp_size={sp}",
+                                             f"data.batch_size={MICRO * 2 // dp}", f"train.zero_stage={zero_stage}"])
     trainer = Trainer(cfg)
     losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
     module = trainer.lm
@@ -53,7 +61,7 @@ def reference(tmp_path_factory):
 
 
 def single_process_run(rank, world, tmp):
-    return run(f"{tmp}/single", "ddp", 1, 1)
+    return run(f"{tmp}/single", "ddp", 1, 1, plain=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -65,3 +73,23 @@ def test_engines_match_one_process(world, reference, tmp_path):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
         for key, value in ref_params.items():
             np.testing.assert_allclose(params[key], value, atol=2e-5, err_msg=f"{name}: {key}")
+
+
+def bf16_run(rank, world, tmp):
+    """First-step loss under bf16 and the dtype of a block's weights inside its forward."""
+    cfg = load_config(None, BASE + [f"run.dir={tmp}/bf16-{world}-{rank}", "train.engine=fsdp", "parallel.sp_size=1",
+                                    f"data.batch_size={MICRO * 2 // world}", "train.precision=bf16"])
+    trainer = Trainer(cfg)
+    seen = []
+    trainer.lm.blocks[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(module.w_down.weight.dtype))
+    loss = trainer.train_step()["loss"]
+    return loss, str(seen[0]), str(trainer.lm.blocks[0].mlp.w_down.weight.dtype)
+
+
+def test_fsdp_bf16_gathers_bf16_parameters(tmp_path):
+    """MixedPrecisionPolicy: bf16 parameters in the blocks' forward, fp32 sharded parameters, the loss of one
+    process under autocast."""
+    ref_loss, ref_dtype, _ = run_distributed(bf16_run, 1, str(tmp_path))[0]
+    (loss, dtype, stored), _ = run_distributed(bf16_run, 2, str(tmp_path))
+    assert (ref_dtype, dtype, stored) == ("torch.float32", "torch.bfloat16", "torch.float32")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)

@@ -19,20 +19,79 @@ FAST = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.chunk_
 
 
 def test_torchrun_command_single_and_multi_node():
-    single = torchrun_command("c.yaml", ["train.steps=3"], nproc=4)
-    assert single[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=4"] and "--standalone" in single
+    single = torchrun_command("c.yaml", ["train.steps=3"], nproc=4, stop_timeout=77)
+    assert single[1:4] == ["-m", "longtrain.launch.torchrun", "--nproc-per-node=4"] and "--standalone" in single
+    assert "--shutdown-timeout=77" in single and "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in single
     assert single[-5:] == ["-m", "longtrain", "train", "c.yaml", "train.steps=3"]
-    multi = torchrun_command("c.yaml", [], nproc=8, nnodes=2, rdzv="head:29500", max_restarts=2)
+    multi = torchrun_command("c.yaml", [], nproc=8, nnodes=2, rdzv="head:29500", max_restarts=2, rdzv_id="run-a")
     assert "--nnodes=2" in multi and "--rdzv-backend=c10d" in multi and "--rdzv-endpoint=head:29500" in multi
-    assert "--max-restarts=2" in multi and "--standalone" not in multi
+    assert "--max-restarts=2" in multi and "--standalone" not in multi and "--rdzv-id=run-a" in multi
     with pytest.raises(ValueError, match="--rdzv"):
         torchrun_command("c.yaml", [], nproc=8, nnodes=2)
 
 
 def test_launch_dry_run_prints_the_command(capsys):
-    assert cli(["launch", "--nproc", "2", "--dry-run", TINY, "train.steps=3"]) == 0
+    assert cli(["launch", "--nproc", "2", "--dry-run", TINY, "train.steps=3", "run.stop_timeout=450"]) == 0
     out = capsys.readouterr().out
-    assert "torch.distributed.run" in out and "--nproc-per-node=2" in out and "train.steps=3" in out
+    assert "longtrain.launch.torchrun" in out and "--nproc-per-node=2" in out and "train.steps=3" in out
+    assert "--shutdown-timeout=450" in out
+
+
+def rdzv_id_of(capsys, *overrides) -> str:
+    assert cli(["launch", "--nproc", "2", "--nnodes", "2", "--rdzv", "head:29500", "--dry-run", TINY, *overrides]) == 0
+    return next(a for a in capsys.readouterr().out.split() if a.startswith("--rdzv-id="))
+
+
+def test_multi_node_rendezvous_id_is_the_same_per_run_and_differs_between_runs(capsys):
+    assert rdzv_id_of(capsys, "run.dir=runs/a") == rdzv_id_of(capsys, "run.dir=runs/a", "train.steps=7")
+    assert rdzv_id_of(capsys, "run.dir=runs/a") != rdzv_id_of(capsys, "run.dir=runs/b")
+
+
+def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
+    """(command line, what its one error line must say) for each input checkable before a worker starts."""
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "short.bin").write_bytes(bytes(20))  # 10 uint16 tokens
+    launch = ["launch", "--nproc", "2"]
+    return [([*launch, TINY, "parallel.sp_size=3"], "(parallel.sp_size=3, contiguous)"),  # 128 tokens in 3 parts
+            ([*launch, "--dry-run", TINY, "parallel.sp_size=3", "data.seq_len=129"],
+             "parallel.sp_size=3 does not divide the world size 2"),
+            ([*launch, TINY, "data.seq_len=127"], "data.seq_len=127 does not split into 2 equal chunks"),
+            ([*launch, TINY, "data.seq_len=130", "parallel.layout=zigzag", "parallel.linear_sp=lasp2"],
+             "data.seq_len=130 does not split into 4 equal chunks"),
+            (["train", TINY], "parallel.sp_size=2 does not divide the world size 1: start it with `longtrain launch"),
+            ([*launch, str(tmp_path / "missing.yaml")], f"config file '{tmp_path}/missing.yaml' not found"),
+            ([*launch, TINY, "data.source=bin", f"data.path={tmp_path}/none.bin"], "none.bin' does not exist"),
+            ([*launch, TINY, "data.source=bin", f"data.path={tmp_path}/empty.bin"], "empty.bin' is empty"),
+            ([*launch, TINY, "data.source=bin", f"data.path={tmp_path}/short.bin"],
+             "short.bin' holds 10 tokens, fewer than data.seq_len+1 = 129"),
+            ([*launch, TINY, "train.lr=-1"], "train.lr must be > 0, got -1.0"),
+            ([*launch, TINY, "train.steps=0"], "train.steps must be > 0, got 0"),
+            ([*launch, "--nnodes", "2", TINY], "--nnodes 2 needs --rdzv"),
+            (["train", TINY, "parallel.sp_size=1", "run.resume=maybe"], "run.resume='maybe' is not one of")]
+
+
+def test_each_bad_input_is_one_line_and_exit_code_2_before_any_worker(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "Popen", None)  # starting torchrun would fail the test
+    for argv, message in bad_inputs(tmp_path):
+        assert cli(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and message in err and err.startswith("error: "), (argv, err)
+
+
+def test_a_bad_input_from_the_shell_has_no_traceback():
+    done = subprocess.run([sys.executable, "-m", "longtrain", "train", TINY], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: parallel.sp_size=2")
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_workers_prints_once(tmp_path):
+    """`longtrain train` under torchrun itself (as in the SLURM script): every rank fails, rank 0 alone says why."""
+    cmd = torchrun_command(TINY, [f"run.dir={tmp_path}", "parallel.sp_size=3", "data.seq_len=129"], nproc=2)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert out.count("parallel.sp_size=3 does not divide the world size 2") == 1, out
 
 
 def test_launch_rejects_a_bad_config_before_starting(capsys):
@@ -102,8 +161,26 @@ def test_time_limit_signal_checkpoints_then_requeues(tmp_path):
     job.send_signal(signal.SIGUSR1)
     assert job.wait(timeout=120) == 0
     assert log.read_text().split() == ["requeue", "77"]
-    saved = os.listdir(run_dir / "checkpoints")
-    assert len(saved) == 1 and saved[0].startswith("step_")
+    last = json.loads(open(run_dir / "metrics.jsonl").readlines()[-1])["step"]
+    assert os.listdir(run_dir / "checkpoints") == [f"step_{last:08d}"]  # the step under way, then the save
+
+
+def test_slurm_script_resources_stop_budget_and_absolute_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["slurm", "--nodes", "2", "--gpus-per-node", "4", "--output", "out", TINY, "run.dir=runs/x",
+            "run.stop_timeout=200"]
+    assert cli(args) == 0
+    script = next((tmp_path / "out").glob("*.sbatch")).read_text()
+    assert "#SBATCH --exclusive" in script and "#SBATCH --cpus-per-task" not in script
+    assert "#SBATCH --signal=B:USR1@260" in script and "--shutdown-timeout=200" in script
+    assert f"run.dir={tmp_path}/runs/x" in script
+    for old in (tmp_path / "out").glob("*.sbatch"):
+        old.unlink()
+    assert cli([*args[:1], "--cpus-per-task", "48", "--signal-lead", "400", *args[1:]]) == 0
+    script = next((tmp_path / "out").glob("*.sbatch")).read_text()
+    assert "#SBATCH --cpus-per-task=48" in script and "--exclusive" not in script
+    assert "#SBATCH --signal=B:USR1@400" in script
+    assert cli([*args, "parallel.sp_size=3", "data.seq_len=129"]) == 2  # 8 GPUs in groups of 3
 
 
 def test_bench_runs_a_benchmark_script():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from longtrain.attention import linear_attention, merge_attention, sigmoid_attention, softmax_attention
-from longtrain.kernels import reference
+from longtrain.kernels import reference, sdpa
 from longtrain.kernels.reference import linear_attention_recurrent
 from naive import naive_sigmoid, naive_softmax
 
@@ -13,22 +13,28 @@ from naive import naive_sigmoid, naive_softmax
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     monkeypatch.setattr(reference, "BLOCK", 16)  # several tiles, so skipping and online merging are exercised
+    monkeypatch.setattr(reference, "WINDOW_BLOCK", 4)  # several query blocks per window band
 
 
 def rand(*shape, dtype=torch.float64, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def docs(B, N):
+def docs(B, N, shared=False):
+    """Documents per batch row (different rows, different documents), or the same documents in every row."""
     seg = torch.zeros(B, N, dtype=torch.long)
-    seg[0, 20:] = 1
-    seg[0, 33:] = 2
-    seg[-1, 5:] = 1
+    seg[:, 20:] = 1
+    seg[:, 33:] = 2
+    if not shared:
+        seg[-1] = 0
+        seg[-1, 5:] = 1
     return seg
 
 
-CASES = [dict(), dict(causal=False), dict(window=7), dict(segment_ids=True), dict(window=9, segment_ids=True),
-         dict(q_start=30, k_start=10), dict(q_start=0, k_start=40)]
+CASES = [dict(), dict(causal=False), dict(window=7), dict(window=3), dict(segment_ids=True),
+         dict(window=9, segment_ids=True),
+         dict(segment_ids="shared"), dict(window=9, segment_ids="shared"), dict(causal=False, segment_ids=True),
+         dict(q_start=30, k_start=10), dict(q_start=0, k_start=40), dict(q_start=20, k_start=0, window=12)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -39,7 +45,8 @@ def test_softmax_matches_naive(case, heads):
     q = rand(B, heads[0], N, D, seed=1).requires_grad_()
     k = rand(B, heads[1], N, D, seed=2).requires_grad_()
     v = rand(B, heads[1], N, D, seed=3).requires_grad_()
-    seg = docs(B, N) if case.pop("segment_ids", False) else None
+    seg_kind = case.pop("segment_ids", False)
+    seg = docs(B, N, shared=seg_kind == "shared") if seg_kind else None
     out, lse = softmax_attention(q, k, v, segment_ids=seg, **case)
     want, want_lse = naive_softmax(q, k, v, causal=case.get("causal", True), window=case.get("window"),
                                    q_start=case.get("q_start", 0), k_start=case.get("k_start", 0), q_seg=seg, k_seg=seg)
@@ -50,10 +57,55 @@ def test_softmax_matches_naive(case, heads):
     torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-12, rtol=0)
     assert not out.isnan().any()
     dout = rand(*out.shape, seed=4)
-    got = torch.autograd.grad((out * dout).sum() + lse[finite].sum(), (q, k, v))
-    ref = torch.autograd.grad((want * dout).sum() + want_lse[finite].sum(), (q, k, v))
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+    for with_lse in (True, False):  # dlse folded into the backward, and the plain backward
+        got = torch.autograd.grad((out * dout).sum() + with_lse * lse[finite].sum(), (q, k, v), retain_graph=True)
+        ref = torch.autograd.grad((want * dout).sum() + with_lse * want_lse[finite].sum(), (q, k, v),
+                                  retain_graph=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(window=24), dict(segment_ids=True), dict(segment_ids="equal"),
+                                  dict(q_start=64, k_start=0)], ids=str)
+@pytest.mark.parametrize("B", [1, 2])  # B=1: evenly spaced blocks run as strided views
+def test_softmax_fp32_matches_naive(case, B):
+    case = dict(case)
+    q, k, v = (rand(B, 4, 96, 16, seed=s, dtype=torch.float32).requires_grad_() for s in range(3))
+    seg_kind = case.pop("segment_ids", False)
+    seg = docs(B, 96) if seg_kind is True else None
+    if seg_kind == "equal":  # 6 documents of 16 tokens
+        seg = (torch.arange(96) // 16).repeat(B, 1)
+    out, lse = softmax_attention(q, k, v, segment_ids=seg, **case)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want, want_lse = naive_softmax(q64, k64, v64, window=case.get("window"), q_start=case.get("q_start", 0),
+                                   k_start=case.get("k_start", 0), q_seg=seg, k_seg=seg)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=0)
+    dout = rand(*out.shape, seed=4)
+    got = torch.autograd.grad((out * dout.float()).sum(), (q, k, v))
+    for a, b in zip(got, torch.autograd.grad((want * dout).sum(), (q64, k64, v64))):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=0)
+
+
+def test_backward_with_global_delta_sums_over_key_blocks():
+    """Ring/all-gather contract: per key block, backward with the merged lse and delta (out=None)."""
+    q, k, v = (rand(2, 4, 40, 8, seed=s).requires_grad_() for s in range(3))
+    seg = docs(2, 40)
+    want, want_lse = naive_softmax(q, k, v, q_seg=seg, k_seg=seg)
+    dout, dlse = rand(*want.shape, seed=5), rand(*want_lse.shape, seed=6)
+    finite = torch.isfinite(want_lse)
+    ref = torch.autograd.grad((want * dout).sum() + (want_lse * dlse)[finite].sum(), (q, k, v))
+    delta = (dout * want).sum(-1) - dlse
+    dq = torch.zeros_like(q)
+    for a, b in ((0, 17), (17, 40)):
+        dq_p, dk_p, dv_p = reference.attention_backward(
+            dout, q.detach(), k.detach()[:, :, a:b], v.detach()[:, :, a:b], None, want_lse.detach(), scale=8 ** -0.5,
+            q_seg=seg, k_seg=seg[:, a:b], k_start=a, delta=delta.detach())
+        dq += dq_p
+        torch.testing.assert_close(dk_p, ref[1][:, :, a:b], atol=1e-11, rtol=0)
+        torch.testing.assert_close(dv_p, ref[2][:, :, a:b], atol=1e-11, rtol=0)
+    torch.testing.assert_close(dq, ref[0], atol=1e-11, rtol=0)
 
 
 def test_softmax_fp32_lse_and_fully_masked_rows():
@@ -92,21 +144,34 @@ def test_sigmoid_matches_naive(case):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
 
 
-def test_softmax_blockwise_never_builds_n_by_n(monkeypatch):
-    monkeypatch.setattr(reference, "BLOCK", 256)
-    q = k = v = torch.randn(1, 1, 8192, 16)
-    peak = []
-    real_matmul = torch.Tensor.__matmul__
+@pytest.mark.parametrize("case", ["causal", "docs", "window", "offset"])
+def test_softmax_computes_only_visible_blocks(monkeypatch, case):
+    """The fused operator sees only visible blocks, equal blocks batched into one call: causal one is_causal
+    call, 8 documents one call of 8 documents, a window its band in a few calls; no N x N mask is built."""
+    monkeypatch.setattr(reference, "WINDOW_BLOCK", 128)
+    N, calls = 1024, []
+    real_forward = sdpa.forward
 
-    def spy(a, b):
-        res = real_matmul(a, b)
-        peak.append(res.numel())
-        return res
+    def spy(q, k, v, mask, causal, scale):
+        calls.append((q.shape[0], q.shape[2], k.shape[2], causal, None if mask is None else mask.numel()))
+        return real_forward(q, k, v, mask, causal, scale)
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
-    out, lse = softmax_attention(q, k, v)
-    assert max(peak) <= 256 * 256, max(peak)
-    assert out.shape == (1, 1, 8192, 16) and torch.isfinite(lse).all()
+    monkeypatch.setattr(sdpa, "forward", spy)
+    q = k = v = torch.randn(1, 2, N, 16)
+    seg = torch.arange(N).div(128, rounding_mode="floor")[None]
+    kw = dict(causal=dict(), docs=dict(segment_ids=seg), window=dict(window=128),
+              offset=dict(q_start=N, k_start=0))[case]
+    out, lse = softmax_attention(q, k[:, :, :N], v, **kw)
+    assert torch.isfinite(lse).all()
+    if case == "causal":
+        assert calls == [(1, N, N, True, None)]
+    if case == "docs":
+        assert calls == [(8, 128, 128, True, None)]
+    if case == "window":
+        pairs = sum(b * nq * nk / (2 if causal else 1) for b, nq, nk, causal, _ in calls)
+        assert pairs <= N * (128 + 128 / 2) and max(m or 0 for *_, m in calls) <= 128 * 128 and len(calls) <= 3
+    if case == "offset":  # every query after every key: one unmasked block
+        assert calls == [(1, N, N, False, None)]
 
 
 DECAYS = ["none", "scalar", "channel"]
@@ -210,3 +275,21 @@ def test_bad_inputs_name_the_value():
         linear_attention(q, q, q, log_decay=torch.zeros(1, 4, 9))
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         softmax_attention(q, q, q, backend="cuda")
+
+
+def test_auto_backend_path_per_op_and_device():
+    """auto: CPU runs the torch path; CUDA runs softmax on the torch (fused SDPA) path, linear ops on Triton."""
+    from longtrain.config import KernelsConfig
+    from longtrain.kernels import OPS, auto_choice, triton_backend
+
+    assert KernelsConfig().backend == "auto"
+    for op in OPS:
+        assert auto_choice(op, torch.device("cpu")) is reference
+        want = reference if op in ("attention_forward", "attention_backward") else triton_backend
+        assert auto_choice(op, torch.device("cuda")) is want, op
+    q, k, v, g = (t.float() for t in linear_inputs("channel"))
+    runs = [lambda backend: softmax_attention(q, k, v, window=9, backend=backend),
+            lambda backend: linear_attention(q, k, v, log_decay=g, output_final_state=True, backend=backend)]
+    for run in runs:
+        for got, want in zip(run("auto"), run("torch")):
+            assert torch.equal(got, want)

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext
 from longtrain.config import load_config
+from longtrain.launch.cli import main as cli
 from longtrain.trainer.model import LM
 from longtrain.trainer.train import Trainer, train
 
@@ -76,8 +78,45 @@ def test_signal_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
     trainer.fit()
-    assert trainer.step == 4  # the flag is agreed on at the start of the next step, then it saves
-    assert os.listdir(tmp_path / "checkpoints") == ["step_00000004"]
+    assert trainer.step == 3  # agreed at the next micro-step boundary: step 4 never starts
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000003"]
+
+
+def test_a_stop_between_micro_steps_drops_the_partial_step(tmp_path, monkeypatch):
+    trainer = Trainer(small_config(tmp_path, "train.steps=50", "train.grad_accum=3"))
+    real_forward, calls, positions = trainer.forward_loss, [], {}
+    real_step = trainer.train_step
+
+    def forward_then_signal(batch, accuracy=False):
+        calls.append(1)
+        if len(calls) == 8:  # the second micro-step of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(batch, accuracy)
+
+    def step_and_record():
+        out = real_step()
+        positions[trainer.step] = trainer.loader.position
+        return out
+
+    monkeypatch.setattr(trainer, "forward_loss", forward_then_signal)
+    monkeypatch.setattr(trainer, "train_step", step_and_record)
+    trainer.fit()
+    assert len(calls) == 8 and trainer.step == 2 and trainer.loader.position == positions[2] == 2 * 3 * 4
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000002"]
+    assert Trainer(small_config(tmp_path, "train.steps=50")).loader.position == 2 * 3 * 4
+
+
+def test_every_run_ends_with_a_checkpoint_a_plot_and_where_the_outputs_are(tmp_path, capsys):
+    train(small_config(tmp_path, "train.steps=3", "train.save_every=50", "train.eval_every=2"))
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000003"]
+    png = (tmp_path / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1000, 700)  # 10 x 7 in, 100 dpi
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        f"done: step 3 saved in {tmp_path}/checkpoints/step_00000003",
+        f"outputs in {tmp_path}: config.yaml, metrics.jsonl, metrics.png, checkpoints/"]
+    os.remove(tmp_path / "metrics.png")
+    assert cli(["plot", str(tmp_path)]) == 0 and (tmp_path / "metrics.png").exists()
+    assert cli(["plot", str(tmp_path / "checkpoints")]) == 2
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -219,16 +258,13 @@ def test_checkpoint_saved_at_sp2_resumes_at_sp1(tmp_path):
 
 
 def worker_padding(rank, world, tmp):
-    """N=30 over 4 ranks: padded runs equal the unpadded single-device loss and gradients; unpadded fails clearly."""
+    """N=30 over 4 ranks: padded runs equal the unpadded single-device loss and gradients."""
     for pattern, layout in [("gla,softmax", "contiguous"), ("softmax,sigmoid", "zigzag")]:
         extra = [f"model.pattern={pattern}", f"parallel.layout={layout}", "data.seq_len=30", "train.engine=ddp",
                  "parallel.pad=true", f"parallel.sp_size={world}", "data.source=text", f"data.path={tmp}/docs",
                  "model.vocab_size=257"]
         trainer = Trainer(small_config(f"{tmp}/pad{rank}", *extra))
         sp_step_matches_single_device(trainer, trainer.loader.next_batch(), 30, f"padded {pattern}/{layout}")
-    trainer = Trainer(small_config(f"{tmp}/nopad{rank}", "data.seq_len=30", f"parallel.sp_size={world}"))
-    with pytest.raises(ValueError, match="N=30 is not divisible by 4"):
-        trainer.forward_loss(trainer.loader.next_batch())
 
 
 def test_padding_for_lengths_not_divisible_by_the_sp_degree(tmp_path):

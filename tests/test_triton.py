@@ -225,3 +225,31 @@ def test_reference_correction_backward_matches_autograd():
     got = reference.sp_correction_backward(dout, q.detach(), b.detach(), from_state, 0.5, state.detach())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the torch backend's CUDA operators (SDPA flash / efficient) need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(), dict(window=40), dict(segments=True), dict(q_start=32)], ids=str)
+def test_torch_backend_on_cuda(dtype, case):
+    """softmax_attention(backend="torch") on CUDA (flash for unmasked bf16 blocks, efficient with a bias
+    otherwise; lse folded into the backward) against the naive fp64 reference on CPU."""
+    from naive import naive_softmax
+
+    case = dict(case)
+    q, k, v = (rand(2, 4, 128, 64, seed=s).to(dtype).requires_grad_() for s in range(3))
+    seg = segments(2, 128) if case.pop("segments", False) else None
+    out, lse = softmax_attention(q, k, v, segment_ids=seg, backend="torch", **case)
+    cpu = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    cpu_seg = None if seg is None else seg.cpu()
+    want, want_lse = naive_softmax(*cpu, window=case.get("window"), q_start=case.get("q_start", 0), q_seg=cpu_seg,
+                                   k_seg=cpu_seg)
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.cpu().double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=tol, rtol=tol)
+    dout = rand(*out.shape, seed=4)
+    for with_lse in (False, True):
+        got = torch.autograd.grad((out * dout.to(dtype)).sum() + with_lse * lse.sum(), (q, k, v), retain_graph=True)
+        ref = torch.autograd.grad((want * dout.cpu().double()).sum() + with_lse * want_lse.sum(), cpu,
+                                  retain_graph=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.cpu().double(), b, atol=10 * tol, rtol=10 * tol)

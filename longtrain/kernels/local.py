@@ -11,11 +11,13 @@ class LocalAttention(torch.autograd.Function):
         out, lse = backend.attention_forward(q, k, v, q_seg=q_seg, k_seg=k_seg, **opts)
         ctx.save_for_backward(q, k, v, out, lse, q_seg, k_seg)
         ctx.backend, ctx.opts = backend, opts
+        ctx.set_materialize_grads(False)  # dlse stays None when lse is unused (the fused backward's fast path)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, q_seg, k_seg = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
         dq, dk, dv = ctx.backend.attention_backward(dout, q, k, v, out, lse, q_seg=q_seg, k_seg=k_seg,
                                                     dlse=dlse, **ctx.opts)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

@@ -1,16 +1,25 @@
-"""Pure-PyTorch reference kernels: blockwise attention (softmax, sigmoid) and chunked linear attention.
+"""Pure-PyTorch kernels: softmax attention on PyTorch's fused operators, a tile loop, chunked linear attention.
 
-Shapes are [B, H, N, D]. Attention runs tile by tile (online softmax forward, FlashAttention-2
-backward), so no N x N matrix is ever built; fully masked tiles are skipped. The Triton kernels
-in this package expose exactly these signatures.
+Shapes are [B, H, N, D]. Softmax attention runs PyTorch's fused attention operators with lse out and
+their backward (sdpa.py) on blocks that hold only visible pairs: one block per document (varlen
+style), query blocks of a window's band, and per query block the keys before it (unmasked) apart
+from the diagonal block (`is_causal`). What those operators cannot express runs the tile loop
+(online softmax forward, FlashAttention-2 backward, masked tiles skipped): sigmoid attention, and
+float64 on CUDA. Only blocks that need one get a mask (window edges, documents sharing a block, keys
+off the diagonal). The Triton kernels expose exactly these signatures.
 """
+import functools
 import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-BLOCK = 256
+from longtrain.kernels import sdpa
+
+BLOCK = 256  # tile of the tile loop
+WINDOW_BLOCK = 128  # query rows per block of a window band
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -29,7 +38,7 @@ def tile_is_masked(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, win
 
 def tile_mask(q_pos: Tensor, k_pos: Tensor, causal: bool, window: int | None,
               q_seg: Tensor | None, k_seg: Tensor | None) -> Tensor | None:
-    """Boolean mask of allowed pairs, broadcastable to [B, 1, 1, nq, nk] (GQA layout), or None."""
+    """Boolean mask of allowed pairs, broadcastable to [B, 1, nq, nk], or None."""
     mask = None
     if causal:
         mask = k_pos[None, :] <= q_pos[:, None]
@@ -37,9 +46,226 @@ def tile_mask(q_pos: Tensor, k_pos: Tensor, causal: bool, window: int | None,
         in_window = k_pos[None, :] > q_pos[:, None] - window
         mask = in_window if mask is None else mask & in_window
     if q_seg is not None:
-        same_doc = q_seg[:, None, None, :, None] == k_seg[:, None, None, None, :]
+        same_doc = q_seg[:, None, :, None] == k_seg[:, None, None, :]
         mask = same_doc if mask is None else mask & same_doc
     return mask
+
+
+def uses_fused(q: Tensor, kind: str) -> bool:
+    """Softmax attention runs PyTorch's fused operators, except float64 on CUDA (they have no such kernel)."""
+    return kind == "softmax" and not (q.is_cuda and q.dtype == torch.float64)
+
+
+def doc_spans(q_seg: Tensor | None, k_seg: Tensor | None, nq: int, nk: int) -> list[tuple[slice, int, int, int, int]]:
+    """(batch rows, qa, qb, ka, kb): each run of one document in the queries, with that document's key span.
+
+    Batch rows are split only where their segment ids differ.
+    """
+    if q_seg is None:
+        return [(slice(None), 0, nq, 0, nk)]
+    shared = bool((q_seg == q_seg[:1]).all() and (k_seg == k_seg[:1]).all())
+    spans = []
+    for rows in [slice(None)] if shared else [slice(b, b + 1) for b in range(q_seg.shape[0])]:
+        key_span = {}
+        for doc, ka, kb in runs(k_seg[rows][0]):
+            lo, hi = key_span.get(doc, (ka, kb))
+            key_span[doc] = (min(lo, ka), max(hi, kb))
+        spans += [(rows, qa, qb, *key_span[doc]) for doc, qa, qb in runs(q_seg[rows][0]) if doc in key_span]
+    return spans
+
+
+def runs(seg: Tensor) -> list[tuple[int, int, int]]:
+    """(id, start, end) of each run of equal ids in seg [N]."""
+    ids, counts = torch.unique_consecutive(seg, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return [(doc, end - n, end) for doc, n, end in zip(ids.tolist(), counts.tolist(), ends)]
+
+
+def attention_blocks(nq: int, nk: int, q_start: int, k_start: int, causal: bool, window: int | None,
+                     q_seg: Tensor | None, k_seg: Tensor | None) -> list[tuple[slice, int, int, int, int]]:
+    """(batch rows, qa, qb, ka, kb) blocks covering every visible pair: per document, per query block of a
+    window band; each query block's keys split into the window's edge, keys all its rows see, and the diagonal."""
+    if nq == 0 or nk == 0:
+        return []
+    step = nq if window is None else WINDOW_BLOCK
+    blocks = []
+    for rows, qa0, qb0, ka0, kb0 in doc_spans(q_seg, k_seg, nq, nk):
+        for qa in range(qa0, qb0, step):
+            qb = min(qa + step, qb0)
+            ka = ka0 if window is None else max(ka0, q_start + qa - window + 1 - k_start)
+            kb = min(kb0, q_start + qb - k_start) if causal else kb0
+            seen_by_all = ka if window is None else q_start + qb - window - k_start
+            diagonal = q_start + qa - k_start if causal else kb
+            cuts = [ka] + sorted(min(max(c, ka), kb) for c in (seen_by_all, diagonal)) + [kb]
+            blocks += [(rows, qa, qb, a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+    return blocks
+
+
+def block_mask(rows: slice, qa: int, qb: int, ka: int, kb: int, q_start: int, k_start: int, causal: bool,
+               window: int | None, q_seg: Tensor | None, k_seg: Tensor | None, device) -> tuple[Tensor | None, bool]:
+    """(mask [B|1, 1, nq, nk] or None, is_causal): the cheapest exact form of one block's mask."""
+    qs = None if q_seg is None else q_seg[rows, qa:qb]
+    ks = None if k_seg is None else k_seg[rows, ka:kb]
+    one_doc = qs is None or bool((qs == qs[:, :1]).all() and (ks == qs[:, :1]).all())
+    qp, kp = q_start + qa, k_start + ka
+    if one_doc and (window is None or kp > qp + (qb - qa) - 1 - window):
+        if not causal or kp + (kb - ka) - 1 <= qp:
+            return None, False
+        if qp == kp and qb - qa == kb - ka:
+            return None, True
+    mask = position_mask(qp - kp, qb - qa, kb - ka, causal, window, device)
+    if qs is not None:
+        mask = mask & (qs[:, None, :, None] == ks[:, None, None, :])
+    return mask, False
+
+
+@functools.lru_cache(maxsize=64)
+def position_mask(offset: int, nq: int, nk: int, causal: bool, window: int | None, device) -> Tensor:
+    """[1, 1, nq, nk] causal/window mask of queries at offset + i against keys at j (shared by equal blocks)."""
+    mask = tile_mask(torch.arange(offset, offset + nq, device=device), torch.arange(nk, device=device), causal,
+                     window, None, None)
+    return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device) if mask is None else mask[None, None]
+
+
+def block_groups(q: Tensor, k: Tensor, q_start: int, k_start: int, causal: bool, window: int | None,
+                 q_seg: Tensor | None, k_seg: Tensor | None) -> list[tuple[Tensor | None, bool, list]]:
+    """(mask, is_causal, blocks): blocks of one shape and one mask, to run as one batched operator call
+    (equal documents, a window band's blocks): fewer calls hold up best when other processes share the cores."""
+    groups = {}
+    for rows, qa, qb, ka, kb in attention_blocks(q.shape[2], k.shape[2], q_start, k_start, causal, window, q_seg,
+                                                 k_seg):
+        mask, is_causal = block_mask(rows, qa, qb, ka, kb, q_start, k_start, causal, window, q_seg, k_seg, q.device)
+        if mask is not None and not mask.any():
+            continue
+        key = (qb - qa, kb - ka, is_causal, id(mask))  # position masks are cached: equal blocks share one
+        groups.setdefault(key, (mask, is_causal, []))[2].append((rows, qa, qb, ka, kb))
+    return list(groups.values())
+
+
+def stack(x: Tensor, group: list, lo: int) -> Tensor:
+    """x[rows, :, lo:hi] of every block of the group (lo, hi: its query or key range) along the batch dim.
+
+    Evenly spaced blocks of a one-row batch (equal documents, a window band) are a strided view, not a copy.
+    """
+    parts = [x[block[0], :, block[lo]:block[lo + 1]] for block in group]
+    starts = [block[lo] for block in group]
+    steps = {b - a for a, b in zip(starts, starts[1:])}
+    evenly_spaced = len(steps) == 1 and min(steps) >= 0
+    if evenly_spaced and x.shape[0] == 1 and all(b[0] == slice(None) for b in group):
+        shape, stride = (len(parts), *parts[0].shape[1:]), (steps.pop() * x.stride(2), *x.stride()[1:])
+        return x.as_strided(shape, stride, x.storage_offset() + starts[0] * x.stride(2))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def flat_index(group: list, lo: int, n: int, batch: int, device) -> Tensor:
+    """Row indices b * n + i of the group's queries (lo=1) or keys (lo=3), in the order stack puts them."""
+    starts = [b * n + block[lo] for block in group for b in range(batch)[block[0]]]
+    size = group[0][lo + 1] - group[0][lo]
+    return (torch.tensor(starts, device=device)[:, None] + torch.arange(size, device=device)).flatten()
+
+
+def flat(x: Tensor) -> Tensor:
+    """[G, H, n, ...] -> [G * n, H, ...], rows in flat_index order."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def fused_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in the compute dtype with Hq heads each (GQA repeated) and one head dim (zero-padded)."""
+    dt = q.dtype if q.is_cuda else acc_dtype(q)
+    G, width = q.shape[1] // k.shape[1], max(q.shape[-1], v.shape[-1])
+    k, v = (x.repeat_interleave(G, 1) if G > 1 else x for x in (k, v))
+    return tuple(pad_head(x.to(dt), width) for x in (q, k, v))
+
+
+def pad_head(x: Tensor, width: int) -> Tensor:
+    """x zero-padded along its last dim to `width` (no copy when it already has it)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = True,
+                      window: int | None = None, q_seg: Tensor | None = None, k_seg: Tensor | None = None,
+                      q_start: int = 0, k_start: int = 0, kind: str = "softmax",
+                      sigmoid_bias: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """Attention forward. Returns (out [B, Hq, Nq, Dv] in acc dtype, lse [B, Hq, Nq] or None).
+
+    kind="softmax": lse = logsumexp of the scaled scores (-inf, out 0 for rows that see no key).
+    kind="sigmoid": out = sum_j sigmoid(s_ij + sigmoid_bias) v_j over allowed j; no lse.
+    """
+    if not uses_fused(q, kind):
+        return tile_forward(q, k, v, scale=scale, causal=causal, window=window, q_seg=q_seg, k_seg=k_seg,
+                            q_start=q_start, k_start=k_start, kind=kind, sigmoid_bias=sigmoid_bias)
+    B, Hq, Nq, _ = q.shape
+    Dv, dt = v.shape[-1], acc_dtype(q)
+    qx, kx, vx = fused_inputs(q, k, v)
+    out = q.new_zeros(B * Nq, Hq, qx.shape[-1], dtype=dt)  # rows b * Nq + i: one index op per group
+    lse = q.new_full((B * Nq, Hq), -math.inf, dtype=dt)
+    for mask, is_causal, group in block_groups(q, k, q_start, k_start, causal, window, q_seg, k_seg):
+        o_grp, lse_grp = sdpa.forward(stack(qx, group, 1), stack(kx, group, 3), stack(vx, group, 3), mask,
+                                      is_causal, scale)
+        o_grp, lse_grp = o_grp.to(dt), lse_grp.to(dt)
+        if mask is not None:  # rows that see no key in this block: out 0, lse -inf
+            seen = mask.any(-1)
+            o_grp, lse_grp = o_grp.masked_fill(~seen[..., None], 0.0), lse_grp.masked_fill(~seen, -math.inf)
+        idx = flat_index(group, 1, Nq, B, q.device)  # rows are unique within a group
+        o_grp, lse_grp = merge_partials(out[idx], lse[idx], flat(o_grp), flat(lse_grp))  # exact on empty rows
+        out.index_copy_(0, idx, o_grp)
+        lse.index_copy_(0, idx, lse_grp)
+    return out.view(B, Nq, Hq, -1).transpose(1, 2)[..., :Dv], lse.view(B, Nq, Hq).transpose(1, 2)
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, lse: Tensor | None, *,
+                       scale: float, causal: bool = True, window: int | None = None, q_seg: Tensor | None = None,
+                       k_seg: Tensor | None = None, q_start: int = 0, k_start: int = 0, kind: str = "softmax",
+                       sigmoid_bias: float = 0.0, delta: Tensor | None = None,
+                       dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention backward (FlashAttention-2: recompute P from lse, delta = rowsum(dO * O) - dlse).
+
+    For a ring block, `out`/`lse`/`delta` are the merged (global) values. Returns dq, dk, dv in acc dtype.
+    """
+    if not uses_fused(q, kind):
+        return tile_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, window=window, q_seg=q_seg,
+                             k_seg=k_seg, q_start=q_start, k_start=k_start, kind=kind, sigmoid_bias=sigmoid_bias,
+                             delta=delta, dlse=dlse)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv, dt = k.shape[1], k.shape[2], v.shape[-1], acc_dtype(q)
+    qx, kx, vx = fused_inputs(q, k, v)
+    dox = pad_head(dout.to(qx.dtype), qx.shape[-1])
+    if out is None or delta is not None or dlse is not None:
+        qx, kx, vx, dox, outx = fold_delta(qx, kx, vx, dox, out, delta, dlse)
+    else:
+        outx = pad_head(out.to(qx.dtype), qx.shape[-1])
+    lse = torch.where(torch.isneginf(lse), math.inf, lse).to(dt)  # rows that see no key: P = 0
+    W = qx.shape[-1]
+    dq, dk, dv = (q.new_zeros(B * n, Hq, W, dtype=dt) for n in (Nq, Nk, Nk))  # rows b * n + i
+    for mask, is_causal, group in block_groups(q, k, q_start, k_start, causal, window, q_seg, k_seg):
+        grads = sdpa.backward(stack(dox, group, 1), stack(qx, group, 1), stack(kx, group, 3), stack(vx, group, 3),
+                              stack(outx, group, 1), stack(lse, group, 1).contiguous(), mask, is_causal, scale)
+        k_idx = flat_index(group, 3, Nk, B, q.device)  # keys repeat across blocks: index_add sums them
+        dq.index_add_(0, flat_index(group, 1, Nq, B, q.device), flat(grads[0]).to(dt))
+        dk.index_add_(0, k_idx, flat(grads[1]).to(dt))
+        dv.index_add_(0, k_idx, flat(grads[2]).to(dt))
+    dq = dq.view(B, Nq, Hq, W).transpose(1, 2)
+    dk, dv = (x.view(B, Nk, Hkv, Hq // Hkv, W).sum(3).transpose(1, 2) for x in (dk, dv))
+    return dq[..., :D], dk[..., :D], dv[..., :Dv]
+
+
+def fold_delta(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor | None, delta: Tensor | None,
+               dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Inputs whose fused backward uses a given delta (minus dlse) in place of rowsum(dO * O).
+
+    One more head-dim column (padded to a multiple of 8): 0 in q and k, 1 in v, -delta in dO, and O = 0,
+    so dP = dO V^T - delta while rowsum(dO * O) = 0; dq, dk, dv keep their first columns.
+    """
+    if delta is None:
+        delta = (dout[..., :out.shape[-1]].to(out.dtype) * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype)
+    width = q.shape[-1]
+    pad = (0, -(-(width + 1) // 8) * 8 - width)
+    q, k, v, dout = (F.pad(x, pad) for x in (q, k, v, dout))
+    v[..., -1] = 1.0
+    dout[..., -1] = -delta.to(dout.dtype)
+    return q, k, v, dout, torch.zeros_like(dout)
 
 
 def key_tiles(q_tile: Tensor, k: Tensor, v: Tensor, qa: int, qb: int, scale: float, causal: bool,
@@ -53,18 +279,15 @@ def key_tiles(q_tile: Tensor, k: Tensor, v: Tensor, qa: int, qb: int, scale: flo
         scores = q_tile @ k[:, :, None, ka:kb].to(q_tile.dtype).transpose(-1, -2) * scale
         mask = tile_mask(q_pos, torch.arange(k_start + ka, k_start + kb, device=q_tile.device), causal, window,
                          None if q_seg is None else q_seg[:, qa:qb], None if k_seg is None else k_seg[:, ka:kb])
+        mask = mask[:, None] if mask is not None and mask.dim() == 4 else mask  # [B, 1, 1, nq, nk]: GQA layout
         yield ka, kb, v[:, :, None, ka:kb].to(q_tile.dtype), scores, mask
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = True,
+def tile_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = True,
                       window: int | None = None, q_seg: Tensor | None = None, k_seg: Tensor | None = None,
                       q_start: int = 0, k_start: int = 0, kind: str = "softmax",
                       sigmoid_bias: float = 0.0) -> tuple[Tensor, Tensor | None]:
-    """Blockwise attention forward. Returns (out [B, Hq, Nq, Dv] in acc dtype, lse [B, Hq, Nq] or None).
-
-    kind="softmax": online softmax, lse = logsumexp of the scaled scores (-inf, out 0 for empty rows).
-    kind="sigmoid": out = sum_j sigmoid(s_ij + sigmoid_bias) v_j over allowed j; no lse.
-    """
+    """attention_forward as a tile loop: online softmax, or sigmoid attention."""
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
@@ -104,15 +327,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     return out, (None if lse is None else lse.view(B, Hq, Nq))
 
 
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, lse: Tensor | None, *,
+def tile_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, lse: Tensor | None, *,
                        scale: float, causal: bool = True, window: int | None = None, q_seg: Tensor | None = None,
                        k_seg: Tensor | None = None, q_start: int = 0, k_start: int = 0, kind: str = "softmax",
                        sigmoid_bias: float = 0.0, delta: Tensor | None = None,
                        dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Blockwise attention backward (FlashAttention-2: recompute P from lse, delta = rowsum(dO * O)).
-
-    For a ring block, `out`/`lse`/`delta` are the merged (global) values. Returns dq, dk, dv in acc dtype.
-    """
+    """attention_backward as a tile loop (FlashAttention-2: recompute P from lse, delta = rowsum(dO * O))."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
@@ -215,10 +435,36 @@ def chunk_states(ks: Tensor, vs: Tensor, b: Tensor, resets: Tensor | None) -> tu
 def scan_states(chunk_state: Tensor, chunk_decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
     """Sequential inter-chunk recurrence; returns (state entering each chunk [B, H, nc, Dk, Dv], final)."""
     state, entering = initial, []
-    for c in range(chunk_state.shape[2]):
+    for decay, own in zip(chunk_decay.unbind(2), chunk_state.unbind(2)):  # unbind: one backward op, not one per chunk
         entering.append(state)
-        state = chunk_decay[:, :, c] * state + chunk_state[:, :, c]
+        state = decay * state + own
     return torch.stack(entering, 2), state
+
+
+def channel_decay_intra(q: Tensor, k: Tensor, v: Tensor, b: Tensor, resets: Tensor | None) -> Tensor:
+    """Inside each chunk, o_t = sum_{s <= t, same document} (q_t . (k_s exp(b_t - b_s))) v_s, [B, H, nc, C, Dv].
+
+    Secondary chunking (flash-linear-attention's chunk_gla), applied level by level: blocks of 2L tokens
+    pair their second half (queries) with their first half (keys) through the decay factored at r, the
+    last key of the first half, exp(b_t - b_r) exp(b_r - b_s): both exponents <= 0, so any decay stays
+    finite and each level is two matmuls. Only s = t takes the elementwise form (q_t . k_t). C is 2^n.
+    """
+    *lead, C, Dk = q.shape
+    out = (q * k).sum(-1, keepdim=True) * v  # s = t
+    L = 1
+    while L < C:
+        q2, k2, v2, b2 = (x.view(*lead, C // (2 * L), 2, L, x.shape[-1]) for x in (q, k, v, b))
+        b_r = b2[..., 0, -1:, :]  # [B, H, nc, blocks, 1, Dk]
+        q_dec = q2[..., 1, :, :] * torch.exp(b2[..., 1, :, :] - b_r)
+        k_dec = k2[..., 0, :, :] * torch.exp(b_r - b2[..., 0, :, :])
+        scores = q_dec @ k_dec.transpose(-1, -2)  # [B, H, nc, blocks, L, L]: second half x first half
+        if resets is not None:
+            r2 = resets.view(*resets.shape[:3], C // (2 * L), 2, L)
+            scores = scores * (r2[..., 1, :, None] == r2[..., 0, None, :])  # no document start in (s, t]
+        o2 = scores @ v2[..., 0, :, :]
+        out = out + torch.stack([torch.zeros_like(o2), o2], -3).view_as(out)
+        L *= 2
+    return out
 
 
 def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, scale: float, log_decay: Tensor | None = None,
@@ -228,33 +474,32 @@ def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, *, scale: float, l
     """Chunked linear attention: quadratic inside a chunk, state passing between chunks.
 
     Every exponent is a cumulative decay difference that is <= 0, so strong decay underflows to 0
-    instead of overflowing. Differentiable through torch autograd; O(N) time and memory.
+    instead of overflowing. Differentiable through torch autograd; O(N) time and memory. chunk_size is
+    rounded up to a power of two (per-channel decay halves chunks, channel_decay_intra).
     on_final_state(final.detach()) runs once the final state exists, before the output products (SP
     algorithms start their communication there).
     """
     B, H, N, Dk = q.shape
     dt = acc_dtype(q)
-    C = chunk_size
+    C = 1 << (chunk_size - 1).bit_length()  # chunk_size rounded up to a power of two
     qs, ks, vs = chunk_inputs(q.to(dt) * scale, C), chunk_inputs(k.to(dt), C), chunk_inputs(v.to(dt), C)
     b = chunk_inputs(decay_shape(log_decay, q), C).cumsum(3)  # cumulative log decay in each chunk
     resets = chunk_resets(segment_ids, N, C, q.device)
-    pair_ok = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    from_state = 1.0
-    if resets is not None:
-        pair_ok = pair_ok & (resets[..., :, None] == resets[..., None, :])  # no document start in (s, t]
-        from_state = (resets == 0)[..., None].to(dt)  # token still continues the incoming state
-    gap = b[:, :, :, :, None] - b[:, :, :, None, :]  # [B, H, nc, C, C, Dk|1], <= 0 where t >= s
-    decay_ts = torch.exp(torch.where(pair_ok[..., None], gap, -math.inf))
-    if b.shape[-1] == 1:
-        scores = (qs @ ks.transpose(-1, -2)) * decay_ts[..., 0]
-    else:
-        scores = torch.einsum("bhctd,bhcsd,bhctsd->bhcts", qs, ks, decay_ts)
+    from_state = 1.0 if resets is None else (resets == 0)[..., None].to(dt)  # token continues the incoming state
     chunk_state, chunk_decay = chunk_states(ks, vs, b, resets)
     initial = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dt) if initial_state is None else initial_state.to(dt)
     entering, final = scan_states(chunk_state, chunk_decay, initial)
     if on_final_state is not None:
         on_final_state(final.detach())
-    out = scores @ vs + (qs * torch.exp(b) * from_state) @ entering
+    if b.shape[-1] == 1:  # scalar decay: one [C, C] decay matrix per chunk
+        pair_ok = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        if resets is not None:
+            pair_ok = pair_ok & (resets[..., :, None] == resets[..., None, :])  # no document start in (s, t]
+        gap = b[..., :, None, 0] - b[..., None, :, 0]  # [B, H, nc, C, C], <= 0 where t >= s
+        intra = (qs @ ks.transpose(-1, -2)) * torch.exp(torch.where(pair_ok, gap, -math.inf)) @ vs
+    else:
+        intra = channel_decay_intra(qs, ks, vs, b, resets)
+    out = intra + (qs * torch.exp(b) * from_state) @ entering
     out = out.view(B, H, -1, v.shape[-1])[:, :, :N].to(q.dtype)
     return out, (final if output_final_state else None)
 

@@ -3,34 +3,83 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
-from longtrain.config import ConfigError, load_config
+import numpy as np
+
+from longtrain.config import Config, ConfigError, check_world, load_config
 from longtrain.launch.slurm import slurm_script, write_script
-from longtrain.launch.torchrun import torchrun_command
+from longtrain.launch.torchrun import rdzv_id_for, torchrun_command
+from longtrain.trainer.checkpoint import CheckpointError
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # a stop request, to every process
+
+
+def check_data(data) -> None:
+    """data.path exists and is not empty; a .bin stream holds at least one sequence."""
+    if data.source not in ("bin", "text"):
+        return
+    if not os.path.exists(data.path):
+        raise ConfigError(f"data.path={data.path!r} does not exist")
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(data.path) for f in files) \
+        if os.path.isdir(data.path) else os.path.getsize(data.path)
+    if size == 0:
+        raise ConfigError(f"data.path={data.path!r} is empty")
+    tokens = size // np.dtype(data.bin_dtype).itemsize
+    if data.source == "bin" and tokens <= data.seq_len:
+        raise ConfigError(f"data.path={data.path!r} holds {tokens} tokens, fewer than data.seq_len+1 = "
+                          f"{data.seq_len + 1}")
+
+
+def preflight(cfg: Config, world: int) -> None:
+    """Everything checkable before a worker starts; raises ConfigError naming the key and value."""
+    check_world(cfg, world)
+    check_data(cfg.data)
 
 
 def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     from longtrain.trainer.train import train
-    train(load_config(args.config, args.overrides))
+    train(cfg)
     return 0
 
 
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run `cmd` in its own process group, forward SIGTERM/SIGINT/SIGUSR1 to that group, wait for it to end."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda signum, frame: os.killpg(proc.pid, signum)) for sig in FORWARDED_SIGNALS}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_launch(args) -> int:
-    load_config(args.config, args.overrides)  # fail here, not in N workers
-    cmd = torchrun_command(args.config, args.overrides, args.nproc, args.nnodes, args.rdzv, args.max_restarts)
+    if args.nnodes > 1 and not args.rdzv:
+        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv HOST:PORT (the c10d rendezvous on the first node)")
+    cfg = load_config(args.config, args.overrides)  # fail here, not in N workers
+    preflight(cfg, args.nproc * args.nnodes)
+    cmd = torchrun_command(args.config, args.overrides, args.nproc, args.nnodes, args.rdzv, args.max_restarts,
+                           rdzv_id_for(cfg.run.dir), cfg.run.stop_timeout)
     print(shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd, env)
 
 
 def cmd_slurm(args) -> int:
-    load_config(args.config, args.overrides)
-    text = slurm_script(args.config, args.overrides, args.nodes, args.gpus_per_node, args.partition, args.time,
-                        args.account, os.path.abspath(args.output), args.max_restarts, python=args.python)
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg, args.nodes * args.gpus_per_node)
+    overrides = [*args.overrides, f"run.dir={os.path.abspath(cfg.run.dir)}"]  # jobs may start in another directory
+    text = slurm_script(args.config, overrides, args.nodes, args.gpus_per_node, args.partition, args.time,
+                        args.account, os.path.abspath(args.output), args.max_restarts, args.cpus_per_task,
+                        args.python, cfg.run.stop_timeout, args.signal_lead)
     path = write_script(text, args.output)
     if not args.submit:
         print(path)
@@ -39,6 +88,18 @@ def cmd_slurm(args) -> int:
         print(f"sbatch not found; the script is at {path}", file=sys.stderr)
         return 1
     return subprocess.call(["sbatch", path])
+
+
+def cmd_plot(args) -> int:
+    from longtrain.trainer.plot import plot_run
+    if not os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")):
+        raise ConfigError(f"{args.run_dir} has no metrics.jsonl")
+    path = plot_run(args.run_dir)
+    if path is None:
+        print("matplotlib is not installed: pip install matplotlib", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
 BENCHMARKS = ("sp_softmax", "sp_linear", "kernels")
@@ -85,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     slurm.add_argument("--account", default=None)
     slurm.add_argument("--output", default="slurm", help="directory for the script and the job logs")
     slurm.add_argument("--max-restarts", type=int, default=3)
+    slurm.add_argument("--cpus-per-task", type=int, default=None,
+                       help="CPUs per node's task (default: whole nodes, --exclusive)")
+    slurm.add_argument("--signal-lead", type=int, default=None,
+                       help="seconds before the time limit to checkpoint and requeue (default: run.stop_timeout + 60)")
     slurm.add_argument("--python", default=sys.executable, help="python on the compute nodes")
     slurm.add_argument("--submit", action="store_true")
     slurm.add_argument("config")
@@ -94,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     bench.set_defaults(fn=cmd_bench)
+    plot = sub.add_parser("plot", help="PNG of loss, eval accuracy, tokens/s and memory vs step of a run")
+    plot.add_argument("run_dir")
+    plot.set_defaults(fn=cmd_plot)
     prep = sub.add_parser("prepare", help="tokenize text files into a .bin token stream")
     prep.add_argument("input")
     prep.add_argument("output")
@@ -107,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError) as e:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 says it first when it fails alike,
+            time.sleep(5)  # and torchrun ends this rank before it repeats it
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

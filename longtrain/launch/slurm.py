@@ -1,30 +1,33 @@
 """Write an sbatch script: one srun task per node, each running torchrun with a c10d rendezvous on the head node.
 
-The script is requeue friendly: SLURM signals the batch shell (USR1) two minutes before the time limit;
-the shell forwards SIGTERM to the training processes, which checkpoint and exit, then requeues the job.
-The requeued job finds the checkpoint in run.dir and resumes.
+The script is requeue friendly: SLURM signals the batch shell (USR1) `signal_lead` seconds before the time
+limit; the shell forwards SIGTERM to the training processes, which finish the step, checkpoint and exit (torchrun
+waits up to run.stop_timeout for them), then requeues the job. The requeued job resumes from run.dir.
 """
 import os
 import shlex
 import time
+
+from longtrain.launch.torchrun import STOP_SIGNALS
 
 TEMPLATE = """#!/bin/bash
 #SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={gpus_per_node}
-#SBATCH --cpus-per-task={cpus_per_task}
+{cpus}
 #SBATCH --output={output}/%x-%j.out
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@{signal_lead}
 {optional}
 set -euo pipefail
 
 # NCCL: fail fast instead of hanging when a rank dies; warnings only in the log.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=${{NCCL_DEBUG:-WARN}}
-# One data-loading/CPU thread budget per GPU process.
-export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{omp_threads}}}
+# The node's CPUs shared by its GPU processes.
+CPUS=${{SLURM_CPUS_ON_NODE:-$(nproc)}}
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( CPUS / {gpus_per_node} > 0 ? CPUS / {gpus_per_node} : 1 ))}}
 
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))  # unique per job, so two jobs on one node do not collide
@@ -38,10 +41,11 @@ checkpoint_and_requeue() {{
 }}
 trap checkpoint_and_requeue USR1
 
-srun --kill-on-bad-exit=1 bash -c "exec {python} -m torch.distributed.run \\
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" bash -c "exec {python} -m longtrain.launch.torchrun \\
   --nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node={gpus_per_node} \\
   --rdzv-backend=c10d --rdzv-endpoint=$HEAD_NODE:$RDZV_PORT --rdzv-id=$SLURM_JOB_ID \\
-  --max-restarts={max_restarts} -m longtrain train {train_args}" &
+  --max-restarts={max_restarts} --signals-to-handle={signals} --shutdown-timeout={stop_timeout} \\
+  -m longtrain train {train_args}" &
 SRUN_PID=$!
 wait "$SRUN_PID"
 """
@@ -49,15 +53,20 @@ wait "$SRUN_PID"
 
 def slurm_script(config: str, overrides: list[str], nodes: int, gpus_per_node: int, partition: str | None = None,
                  time_limit: str | None = None, account: str | None = None, output: str = "slurm",
-                 max_restarts: int = 3, cpus_per_task: int | None = None, python: str = "python") -> str:
-    """The sbatch script text for training `config` on `nodes` x `gpus_per_node` GPUs."""
+                 max_restarts: int = 3, cpus_per_task: int | None = None, python: str = "python",
+                 stop_timeout: int = 300, signal_lead: int | None = None) -> str:
+    """The sbatch script text for training `config` on `nodes` x `gpus_per_node` GPUs.
+
+    Without `cpus_per_task` the job takes whole nodes (--exclusive): each GPU process gets the node's CPUs / GPUs.
+    `signal_lead` (default: stop_timeout + 60 s for the requeue) is how long before the limit the stop begins.
+    """
     optional = [f"#SBATCH --{k}={v}" for k, v in (("partition", partition), ("time", time_limit),
                                                    ("account", account)) if v]
-    cpus = cpus_per_task or 8 * gpus_per_node
+    cpus = f"#SBATCH --cpus-per-task={cpus_per_task}" if cpus_per_task else "#SBATCH --exclusive"
     return TEMPLATE.format(job_name=f"longtrain-{os.path.splitext(os.path.basename(config))[0]}", nodes=nodes,
-                           gpus_per_node=gpus_per_node, cpus_per_task=cpus, output=output,
-                           optional="\n".join(optional), omp_threads=max(1, cpus // gpus_per_node),
-                           python=python, max_restarts=max_restarts,
+                           gpus_per_node=gpus_per_node, cpus=cpus, output=output, optional="\n".join(optional),
+                           signal_lead=signal_lead or stop_timeout + 60, python=python, max_restarts=max_restarts,
+                           signals=STOP_SIGNALS, stop_timeout=stop_timeout,
                            train_args=" ".join(shlex.quote(a) for a in [os.path.abspath(config), *overrides]))
 
 

@@ -1,11 +1,16 @@
 """Checkpoints with torch.distributed.checkpoint: write to step_N.tmp, rename when complete, keep the last K.
 
 Model and optimizer state are saved as full (replicated) tensors keyed by parameter name, so a checkpoint
-written at one parallel layout loads into another (SP=2 -> SP=1, DP=2, ...).
+written at one parallel layout loads into another (SP=2 -> SP=1, DP=2, ...). Once every rank has written,
+rank 0 adds manifest.json (size and sha256 of every file) last; resume loads the newest checkpoint whose
+files match their manifest.
 """
+import hashlib
+import json
 import os
 import re
 import shutil
+import sys
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -14,6 +19,11 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint that can be trusted where one is required (run.resume=strict, or all damaged)."""
 
 
 def barrier() -> None:
@@ -30,6 +40,73 @@ def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(path: str) -> None:
+    """manifest.json in `path`: bytes and sha256 of every file below it."""
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            files[os.path.relpath(full, path)] = {"bytes": os.path.getsize(full), "sha256": sha256(full)}
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+
+
+def damage(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted, or None when every file matches its manifest."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return f"no readable {MANIFEST}"
+    for name, want in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != want["bytes"]:
+            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {want['bytes']}"
+        if sha256(full) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def newest_intact(run_dir: str, strict: bool = False) -> str | None:
+    """Path of the newest checkpoint that verifies, warning once per damaged newer one; None if there is none."""
+    damaged = []
+    for _, path in reversed(complete_checkpoints(run_dir)):
+        why = damage(path)
+        if why is None:
+            for bad, bad_why in damaged:
+                print(f"warning: checkpoint {bad} is damaged ({bad_why}); resuming from {path}", file=sys.stderr)
+            return path
+        if strict:
+            raise CheckpointError(f"checkpoint {path} is damaged ({why}) and run.resume=strict")
+        damaged.append((path, why))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {run_dir}: {damaged[0][0]} is damaged ({damaged[0][1]}), "
+                              f"and so are all older ones; set run.resume=false to start over")
+    return None
+
+
+def resume_path(run_dir: str, strict: bool, rank0: bool) -> str | None:
+    """Rank 0 picks the checkpoint to resume from (`newest_intact`); every rank gets its choice or its error."""
+    choice = [None]
+    if rank0:
+        try:
+            choice[0] = newest_intact(run_dir, strict)
+        except CheckpointError as e:
+            choice[0] = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], CheckpointError):
+        raise choice[0]
+    return choice[0]
+
+
 def begin(run_dir: str, step: int, rank0: bool) -> tuple[str, str]:
     """(tmp, final) paths of the checkpoint for `step`, with any stale tmp removed."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
@@ -41,9 +118,10 @@ def begin(run_dir: str, step: int, rank0: bool) -> tuple[str, str]:
 
 
 def commit(run_dir: str, tmp: str, final: str, keep_last: int, rank0: bool) -> str:
-    """Once every rank has written: rename tmp -> final (the completion marker), drop all but the last K."""
+    """Once every rank has written: add the manifest, rename tmp -> final, drop all but the last K."""
     barrier()
     if rank0:
+        write_manifest(tmp)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -70,19 +148,14 @@ def save_deepspeed_checkpoint(run_dir: str, step: int, engine, extra: dict, keep
     return commit(run_dir, tmp, final, keep_last, rank0)
 
 
-def load_deepspeed_checkpoint(run_dir: str, engine) -> dict:
-    """Load the newest complete DeepSpeed checkpoint into the engine; returns its `extra`."""
-    _, path = complete_checkpoints(run_dir)[-1]
+def load_deepspeed_checkpoint(path: str, engine) -> dict:
+    """Load the DeepSpeed checkpoint at `path` into the engine; returns its `extra`."""
     _, client_state = engine.load_checkpoint(path, tag="ds")
     return client_state["extra"]
 
 
-def load_latest_checkpoint(run_dir: str, model: nn.Module, optimizer, extra_template: dict) -> dict | None:
-    """Load the newest complete checkpoint into model/optimizer; returns its `extra`, or None if none exists."""
-    found = complete_checkpoints(run_dir)
-    if not found:
-        return None
-    _, path = found[-1]
+def load_checkpoint(path: str, model: nn.Module, optimizer, extra_template: dict) -> dict:
+    """Load the checkpoint at `path` into model/optimizer; returns its `extra`."""
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              "extra": extra_template}
     dcp.load(state, checkpoint_id=path)

@@ -1,10 +1,10 @@
 """LLaMA-style decoder whose per-layer token mixer comes from the registry."""
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext, MixerOptions, build_mixer
 from longtrain.config import ModelConfig, layer_mixers
+from longtrain.trainer.loss import linear_cross_entropy
 
 
 class SwiGLU(nn.Module):
@@ -34,12 +34,35 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LMHead(nn.Linear):
+    """h -> logits; given targets, the loss instead: (sum of masked token losses, correct argmax count).
+
+    loss_chunk > 0 computes head and loss over chunks of that many tokens (never the full logits);
+    0 builds the full logits and calls F.cross_entropy on their fp32 copy.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, loss_chunk: int) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+        self.loss_chunk = loss_chunk
+
+    def forward(self, h: Tensor, targets: Tensor | None = None, mask: Tensor | None = None):
+        if targets is None:
+            return super().forward(h)
+        if self.loss_chunk:
+            return linear_cross_entropy(h, self.weight, targets, mask, self.loss_chunk)
+        logits = super().forward(h).float()  # [B, N, V]
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        correct = ((logits.argmax(-1) == targets) & mask).sum()
+        return (losses * mask.flatten()).sum(), correct
+
+
 def mlp_hidden(cfg: ModelConfig) -> int:
     return cfg.mlp_hidden or 32 * -(-int(8 * cfg.d_model / 3) // 32)
 
 
 class LM(nn.Module):
-    """tokens [B, N_local] -> logits [B, N_local, vocab]; ctx carries positions, documents and SP."""
+    """tokens [B, N_local] -> logits [B, N_local, vocab], or with targets the loss (see LMHead);
+    ctx carries positions, documents and SP."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -48,7 +71,7 @@ class LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(m, cfg.d_model, cfg.n_heads, mlp_hidden(cfg), cfg) for m in self.mixers)
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_chunk)
         self.apply(self.init_weights)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -59,14 +82,12 @@ class LM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: Tensor, ctx: AttnContext) -> Tensor:
+    def forward(self, tokens: Tensor, ctx: AttnContext, targets: Tensor | None = None,
+                loss_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         x = self.embed(tokens)
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, ctx, use_reentrant=False)
-            else:
-                x = block(x, ctx)
-        return self.head(self.norm(x))
+            x = block(x, ctx)
+        return self.head(self.norm(x), targets, loss_mask)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

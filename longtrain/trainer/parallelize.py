@@ -1,4 +1,5 @@
-"""Data-parallel engines around the model: FSDP2, DDP or DeepSpeed ZeRO, reducing over every dp x sp rank.
+"""parallelize(model, mesh, cfg, ...): activation checkpointing and offload on the blocks, then the data-parallel
+engine (FSDP2, DDP; DeepSpeed ZeRO wraps later through init_deepspeed), reducing over every dp x sp rank.
 
 SP ranks hold different tokens of the same sequences, so gradients must be summed over sp as well as
 dp: every engine reduces over the whole world (FSDP2 shards over all dp x sp ranks, as torchtitan does
@@ -6,23 +7,71 @@ for context parallelism), and the loss is normalised by the global token count t
 so that the engines' averaging turns into the exact sum.
 """
 import os
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.graph import save_on_cpu
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from longtrain.parallel.mesh import Mesh
 
 ENGINES = ("fsdp", "ddp", "deepspeed")
 
 
-def wrap_fsdp(model: nn.Module, device_type: str) -> nn.Module:
-    """fully_shard each block, then the root, over a 1-D mesh of all ranks."""
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp_sp",))
+def parallelize(model: nn.Module, mesh: Mesh, cfg, device: torch.device, bf16: bool) -> nn.Module:
+    """Checkpointing (model.activation_checkpointing, model.checkpoint_mode), offload (train.offload_activations),
+    then FSDP2 or DDP over all dp x sp ranks; DeepSpeed's engine is built afterwards by init_deepspeed."""
+    if cfg.model.activation_checkpointing:
+        apply_checkpointing(model, cfg.model.checkpoint_mode)
+    if cfg.train.offload_activations and not (cfg.model.activation_checkpointing and
+                                              cfg.model.checkpoint_mode == "block"):
+        apply_offload(model)  # blocks recomputed whole save only their input: nothing to move
+    if mesh.dp_size * mesh.sp_size == 1 or cfg.train.engine == "deepspeed":
+        return model
+    if cfg.train.engine == "fsdp":
+        return wrap_fsdp(model, device.type, bf16)
+    return wrap_ddp(model, device)
+
+
+def apply_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute in backward each block (mode "block") or only each token mixer (mode "mixer").
+
+    The module's forward itself is checkpointed, so parameter names stay and FSDP2's hooks stay outside.
+    """
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        module = block if mode == "block" else block.mixer
+        module.forward = partial(checkpoint, module.forward, use_reentrant=False)
+
+
+def apply_offload(model: nn.Module) -> None:
+    """Tensors each block saves for backward wait in CPU memory (torch's saved-tensor hooks, save_on_cpu)."""
+    for block in model.blocks:
+        block.register_forward_pre_hook(enter_offload)
+        block.register_forward_hook(leave_offload)
+
+
+def enter_offload(module: nn.Module, args) -> None:
+    module.offload_ctx = save_on_cpu(pin_memory=torch.cuda.is_available())
+    module.offload_ctx.__enter__()
+
+
+def leave_offload(module: nn.Module, args, output) -> None:
+    module.offload_ctx.__exit__(None, None, None)
+
+
+def wrap_fsdp(model: nn.Module, device_type: str, bf16: bool) -> nn.Module:
+    """fully_shard each block, then the root, over a 1-D mesh of all ranks; bf16 gathers and fp32 reduces with bf16."""
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp_sp",))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    return fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext
@@ -17,12 +16,16 @@ from longtrain.parallel import (STATE_PASSING_SP, SPContext, comm, document_gate
                                 pad_sequence, shard_sequence)
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
-from longtrain.trainer.checkpoint import (complete_checkpoints, load_deepspeed_checkpoint, load_latest_checkpoint,
-                                         save_checkpoint, save_deepspeed_checkpoint)
+from longtrain.trainer.checkpoint import (load_checkpoint, load_deepspeed_checkpoint, resume_path, save_checkpoint,
+                                         save_deepspeed_checkpoint)
 from longtrain.trainer.data import Batch, DataLoader
 from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_bytes
 from longtrain.trainer.model import LM
-from longtrain.trainer.parallelize import init_deepspeed, wrap_ddp, wrap_fsdp
+from longtrain.trainer.parallelize import init_deepspeed, parallelize
+from longtrain.trainer.plot import plot_run
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each saves a checkpoint and stops
 
 
 def init_distributed(device_type: str) -> None:
@@ -73,14 +76,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.lm = LM(cfg.model).to(self.device)  # the bare model: parameters, FLOPs, checkpoints
         self.engine = cfg.train.engine
-        self.model, self.optimizer, self.ds = self.lm, None, None
+        self.model = parallelize(self.lm, self.mesh, cfg, self.device, bf16)
+        self.optimizer, self.ds = None, None
         if self.engine == "deepspeed":
             self.ds = init_deepspeed(self.lm, self.param_groups(), cfg, bf16, self.device)
             self.model = self.ds
         else:
-            if self.world > 1:
-                self.model = wrap_fsdp(self.lm, self.device.type) if self.engine == "fsdp" else \
-                    wrap_ddp(self.lm, self.device)
             t = cfg.train
             self.optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=(t.beta1, t.beta2),
                                                fused=self.device.type == "cuda")
@@ -89,6 +90,7 @@ class Trainer:
         self.step = 0
         self.signal_received = False  # set by a signal handler on this rank only
         self.stop_requested = False  # agreed by every rank, so all of them save and stop together
+        self.saved_step, self.saved_path = None, None  # the last checkpoint written or resumed from
         os.makedirs(cfg.run.dir, exist_ok=True)
         if self.rank0:
             OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -134,12 +136,8 @@ class Trainer:
         """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
         local, ctx = self.shard(batch.to(self.device))
         with self.autocast:
-            logits = self.model(local.tokens, ctx)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), local.targets.flatten(), reduction="none")
-        mask = local.loss_mask.flatten()
-        correct = ((logits.argmax(-1).flatten() == local.targets.flatten()) & mask).sum() if accuracy else \
-            torch.zeros((), device=self.device)
-        return (losses * mask).sum(), mask.sum(), correct
+            loss_sum, correct = self.model(local.tokens, ctx, local.targets, local.loss_mask)  # chunked head + loss
+        return loss_sum, local.loss_mask.sum(), correct if accuracy else torch.zeros((), device=self.device)
 
     def backward(self, loss_sum: torch.Tensor, total_tokens: float, last_micro: bool) -> None:
         """Backward of this micro-batch's share of the global mean loss.
@@ -172,9 +170,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.item()
 
+    def stop_agreed(self) -> bool:
+        """True on every rank once any rank has received a stop signal (one tiny all-reduce)."""
+        return all_reduce_sum(torch.tensor([float(self.signal_received)], device=self.device)).item() > 0
+
     def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; {} and no step when a stop is agreed before one."""
         t0 = time.perf_counter()
         bytes_before = comm.snapshot()
+        start = self.loader.position
         batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
         # Every SP rank holds the full sequences, so SP rank 0 alone counts them (padding never counts).
         tokens_here = sum(b.loss_mask.sum().item() for b in batches) if self.mesh.sp_rank == 0 else 0
@@ -184,6 +188,13 @@ class Trainer:
         total_tokens, self.stop_requested = max(agreed[0].item(), 1.0), agreed[1].item() > 0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
+            if i and self.ds is None:  # DeepSpeed counts micro-steps itself: it stops at step boundaries only
+                self.stop_requested = self.stop_agreed()
+            if self.stop_requested:  # drop the partial step: the checkpoint holds the last whole one
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.loader.load_state_dict({"position": start})
+                return {}
             loss, _, _ = self.forward_loss(batch)
             self.backward(loss, total_tokens, last_micro=i == len(batches) - 1)
             if self.ds is not None and i < len(batches) - 1:
@@ -222,44 +233,43 @@ class Trainer:
         return {"step": self.step, "data_position": self.loader.position, "rng": torch.get_rng_state()}
 
     def save(self) -> None:
+        run_dir, keep, extra = self.cfg.run.dir, self.cfg.train.keep_last, self.checkpoint_extra()
         if self.ds is not None:
-            save_deepspeed_checkpoint(self.cfg.run.dir, self.step, self.ds, self.checkpoint_extra(),
-                                      self.cfg.train.keep_last, self.rank0)
-            return
-        save_checkpoint(self.cfg.run.dir, self.step, self.lm, self.optimizer, self.checkpoint_extra(),
-                        self.cfg.train.keep_last, self.rank0)
+            self.saved_path = save_deepspeed_checkpoint(run_dir, self.step, self.ds, extra, keep, self.rank0)
+        else:
+            self.saved_path = save_checkpoint(run_dir, self.step, self.lm, self.optimizer, extra, keep, self.rank0)
+        self.saved_step = self.step
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint in run.dir, if there is one."""
-        if not complete_checkpoints(self.cfg.run.dir):
+        """Continue from the newest intact checkpoint in run.dir (or stop when run.resume=strict and it is not)."""
+        path = resume_path(self.cfg.run.dir, self.cfg.run.resume == "strict", self.rank0)
+        if path is None:
             return
         if self.ds is not None:
-            extra = load_deepspeed_checkpoint(self.cfg.run.dir, self.ds)
+            extra = load_deepspeed_checkpoint(path, self.ds)
         else:
-            extra = load_latest_checkpoint(self.cfg.run.dir, self.lm, self.optimizer, self.checkpoint_extra())
+            extra = load_checkpoint(path, self.lm, self.optimizer, self.checkpoint_extra())
         self.step = int(extra["step"])
         self.loader.load_state_dict({"position": extra["data_position"]})
         torch.set_rng_state(extra["rng"])
+        self.saved_step, self.saved_path = self.step, path
         if self.rank0:
-            print(f"resumed from step {self.step} in {self.cfg.run.dir}")
+            print(f"resumed from {path}")
 
     def request_stop(self, signum, frame) -> None:
         self.signal_received = True
 
     def fit(self) -> dict:
-        """Train to cfg.train.steps; SIGINT/SIGTERM/SIGUSR1 save a checkpoint and stop cleanly."""
+        """Train to cfg.train.steps, then save; SIGINT/SIGTERM/SIGUSR1 stop at the next micro-step and save."""
         t = self.cfg.train
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self.request_stop)
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in STOP_SIGNALS}
         last = {}
         while self.step < t.steps:
-            last = self.train_step()
-            self.metrics.advance(self.step)
+            out = self.train_step()
             if self.stop_requested:
-                self.save()
-                if self.rank0:
-                    print(f"stop requested: saved step {self.step}")
                 break
+            last = out
+            self.metrics.advance(self.step)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self.metrics.log(self.step, last)
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
@@ -267,7 +277,16 @@ class Trainer:
                 self.metrics.log(self.step, {k[5:]: v for k, v in last.items() if k.startswith("eval_")}, "eval")
             if t.save_every and self.step % t.save_every == 0:
                 self.save()
+        if self.saved_step != self.step:
+            self.save()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         self.metrics.close()
+        if self.rank0:
+            print(f"{'stop requested' if self.stop_requested else 'done'}: step {self.step} saved in {self.saved_path}")
+            plot = None if self.stop_requested else plot_run(self.cfg.run.dir)  # a stop keeps to its time budget
+            print(f"outputs in {self.cfg.run.dir}: config.yaml, metrics.jsonl, {'metrics.png, ' if plot else ''}"
+                  f"checkpoints/")
         return last
 
 
