@@ -29,6 +29,29 @@ def test_nccl_mode_returns_one_request_per_batch(mode, n_requests):
     assert run_distributed(worker_requests, 2, mode) == [n_requests, n_requests]
 
 
+def worker_in_order(rank, world):
+    comm.emulate_nccl(True)
+    group = torch.distributed.group.WORLD
+    buf, other = torch.zeros(4), 1 - rank
+    if rank == 0:  # a receive, then a send to the same peer: the send waits for the receive, as on NCCL
+        got = comm.recv(buf, other, group, "test")
+        sent = comm.send(torch.ones(4), other, group, "test")
+        time.sleep(0.3)
+        posted_early = sent.works[0].event.is_set()
+        torch.distributed.barrier()  # not through the channels: rank 1 sends only now
+        comm.wait([got, sent])
+        return posted_early, buf.sum().item()
+    torch.distributed.barrier()
+    sent = comm.send(torch.full((4,), 2.0), other, group, "test")
+    comm.wait([sent, comm.recv(buf, other, group, "test")])
+    return False, buf.sum().item()
+
+
+def test_nccl_mode_runs_a_peers_ops_in_posting_order():
+    (posted_early, got0), (_, got1) = run_distributed(worker_in_order, 2)
+    assert not posted_early and got0 == 8.0 and got1 == 4.0
+
+
 def worker_send_buffer_reuse(rank, world):
     group = torch.distributed.group.WORLD
     buf = torch.ones(1000)

@@ -3,9 +3,10 @@
 Communication (per rank, P ranks): forward all-gathers K and V [B, Hkv, N/P, D] (only the Hkv heads
 travel under GQA) and the segment ids; backward gathers K and V again (as Llama-3 and Megatron's
 all-gather CP do: the gathered [B, Hkv, N, D] pair is not kept between forward and backward, only the
-shards; `save_kv=True` keeps it and skips the second gather when memory allows), then reduce-scatters
-dK and dV of the full sequence back to their owners in the input dtype (half the bytes of fp32 for
-bf16; the P partial sums are accumulated in fp32 on each rank first, so only the final sum rounds).
+shards; `save_gathered_kv=True` keeps it and skips the second gather when memory allows), then
+reduce-scatters dK and dV of the full sequence back to their owners in fp32, the accumulators' dtype:
+in bf16 the P partial sums would round at every hop of the reduction and drift from the single-device
+gradient, for half the bytes of this one collective.
 Each local query chunk attends to the gathered keys at its global offset, so causal and window tiles
 outside the mask are skipped by the kernel.
 """
@@ -70,9 +71,9 @@ class AllGatherAttention(torch.autograd.Function):
             dq[:, :, sl] = dq_c
             dk_full += dk_c
             dv_full += dv_c
-        dk = reduce_scatter(torch.stack(scatter_order(dk_full.to(k.dtype), 2, P, layout)), group, "allgather_bwd")
-        dv = reduce_scatter(torch.stack(scatter_order(dv_full.to(v.dtype), 2, P, layout)), group, "allgather_bwd")
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
+        dk = reduce_scatter(torch.stack(scatter_order(dk_full, 2, P, layout)), group, "allgather_bwd")
+        dv = reduce_scatter(torch.stack(scatter_order(dv_full, 2, P, layout)), group, "allgather_bwd")
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, group, layout: str, backend,

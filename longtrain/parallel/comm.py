@@ -6,23 +6,29 @@ tensor that leaves the rank. The trainer logs these as comm/bytes_sent/<kind>.
 
 What the algorithms rely on, where gloo (CPU tests) and NCCL (users) differ:
 - Requests from `p2p` are only waited on, never indexed or counted: NCCL's batch_isend_irecv coalesces
-  a batch into ONE request that completes the whole batch, gloo returns one per op. An algorithm
-  that must act on each message as it arrives (ZeCO's pipeline) posts one batch per message.
+  a batch into ONE request that completes the whole batch (on the group's stream), gloo returns one per
+  op. An algorithm that must act on each message as it arrives (ZeCO's pipeline) uses `send`/`recv`:
+  single ops, which NCCL runs on a communicator and stream of their own per rank pair.
+- NCCL runs the ops between two ranks in the order they were posted, each blocking the ones behind it:
+  a receive posted before a send the peer is waiting for deadlocks. The state scans post a chunk's
+  receives only after the sends of the chunk before it.
 - A send buffer is not written until its request has completed (NCCL reads it asynchronously, on its
   own stream). `Request.wait` checks this through the tensor's version counter, on every backend;
   the buffer stays referenced by its request until then.
 - On CUDA, `wait()` makes only the current stream wait; the CPU does not block. Work that uses a
   received tensor runs on the stream that waited; `Overlap` runs a scan on a side stream and
-  `Overlap.join` makes the caller's stream wait for it (and records its outputs on that stream).
+  `Overlap.join` makes the caller's stream wait for it and records its output tensors on that stream.
   On CPU `Overlap` runs the scan on a thread: gloo's waits block the calling thread only.
 - all_gather_into_tensor puts rank p's shard at rows [p*n, (p+1)*n) of dim 0 on both backends; gloo
   has no reduce_scatter_tensor (emulated by all_reduce and a slice, so inputs are [P, ...] stacks).
 - bf16 tensors go through every wrapper on both backends (gloo sums bf16 in all_reduce).
 
-`emulate_nccl(True)` gives gloo runs NCCL's coalesced requests; the CPU tests run every P2P algorithm
-in both modes. `set_link(latency_s, bytes_per_s)` delays every message as a slow link would (sends
-leave one after another, each taking latency + bytes / bandwidth), so benchmarks on one machine show
-what overlaps what.
+`emulate_nccl(True)` makes gloo runs follow the first two points: coalesced batch requests, and the
+`send`/`recv` ops with each peer run one after another on a thread per peer, each waiting for the one
+before, so an order that deadlocks on NCCL fails the CPU tests too (at the process group's timeout).
+The tests run every P2P algorithm in both modes. `set_link(latency_s, bytes_per_s)` delays every sent
+message as a slow link would (messages to a peer leave one after another, each taking latency +
+bytes / bandwidth), so benchmarks on one machine show what overlaps what.
 """
 import queue
 import threading
@@ -37,8 +43,9 @@ ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 BYTES_SENT: dict[str, int] = defaultdict(int)
 BYTES_RECV: dict[str, int] = defaultdict(int)
-NCCL_SEMANTICS = {"coalesce": False}
-LINK: dict = {"link": None}
+NCCL = {"on": False}
+LINK = {"latency": 0.0, "bandwidth": None}
+CHANNELS: dict = {}
 
 
 def reset_counters() -> None:
@@ -67,13 +74,17 @@ def group_rank(group) -> int:
 
 
 def emulate_nccl(on: bool = True) -> None:
-    """Make p2p return one request per batch, as NCCL's coalesced batch_isend_irecv does."""
-    NCCL_SEMANTICS["coalesce"] = on
+    """Give gloo NCCL's P2P semantics: one request per batch, and each peer's send/recv ops run in order."""
+    NCCL["on"] = on
 
 
 def set_link(latency_s: float = 0.0, bytes_per_s: float | None = None) -> None:
-    """Delay every message by latency + bytes / bandwidth, sends in order (bytes_per_s=None: no delay)."""
-    LINK["link"] = None if bytes_per_s is None and latency_s == 0 else SlowLink(latency_s, bytes_per_s)
+    """Delay every sent message by latency + bytes / bandwidth, in order per peer (defaults: no delay)."""
+    LINK.update(latency=latency_s, bandwidth=bytes_per_s)
+
+
+def link_delay(n_bytes: int) -> float:
+    return LINK["latency"] + (n_bytes / LINK["bandwidth"] if LINK["bandwidth"] else 0.0)
 
 
 class Request:
@@ -92,45 +103,48 @@ class Request:
                                    f"completed (NCCL would send the new values)")
 
 
-class SlowLink:
-    """This rank's emulated outgoing link: a thread posts each send once the link has carried it."""
+class Channel:
+    """This rank's ops with one peer, posted in order by a thread: a send once the emulated link has carried it;
+    with in_order, each op only after the one before completed (an NCCL stream of that rank pair)."""
 
-    def __init__(self, latency_s: float, bytes_per_s: float | None):
-        self.latency, self.bandwidth, self.free_at = latency_s, bytes_per_s, 0.0
-        self.queue = queue.Queue()
+    def __init__(self):
+        self.queue, self.free_at = queue.Queue(), 0.0
         threading.Thread(target=self.run, daemon=True).start()
 
-    def delay(self, n_bytes: int) -> float:
-        return self.latency + (n_bytes / self.bandwidth if self.bandwidth else 0.0)
-
-    def send(self, t: Tensor, peer: int, group) -> "DelayedSend":
-        self.free_at = max(time.perf_counter(), self.free_at) + self.delay(nbytes(t))
-        req = DelayedSend()
-        self.queue.put((self.free_at, t, dist.get_global_rank(group, peer), group, req))
-        return req
+    def post(self, op, t: Tensor, dst: int, group, delay: float, in_order: bool) -> "Posted":
+        ready = time.perf_counter()
+        if delay:
+            self.free_at = ready = max(ready, self.free_at) + delay
+        posted = Posted()
+        self.queue.put((ready, op, t, dst, group, in_order, posted))
+        return posted
 
     def run(self) -> None:
         while True:
-            at, t, dst, group, req = self.queue.get()
-            time.sleep(max(0.0, at - time.perf_counter()))
+            ready, op, t, dst, group, in_order, posted = self.queue.get()
+            time.sleep(max(0.0, ready - time.perf_counter()))
             try:
-                req.work = dist.isend(t, dst, group=group)
+                posted.work = op(t, dst, group=group)
+                if in_order:
+                    posted.work.wait()  # gloo's works must not be waited twice: the waiter skips it then
+                    posted.work = None
             except BaseException as e:  # re-raised by the waiter
-                req.error = e
-            req.posted.set()
+                posted.error = e
+            posted.event.set()
 
 
-class DelayedSend:
-    """A send that the slow link posts later; wait() waits for the post, then for the send."""
+class Posted:
+    """An op that a Channel posts later; wait() waits for the post, then for the op (unless the Channel did)."""
 
     def __init__(self):
-        self.posted, self.work, self.error = threading.Event(), None, None
+        self.event, self.work, self.error = threading.Event(), None, None
 
     def wait(self) -> None:
-        self.posted.wait()
+        self.event.wait()
         if self.error is not None:
             raise self.error
-        self.work.wait()
+        if self.work is not None:
+            self.work.wait()
 
 
 class DelayedWork:
@@ -145,6 +159,32 @@ class DelayedWork:
         time.sleep(max(0.0, self.ready_at - time.perf_counter()))
 
 
+def post(op, t: Tensor, peer: int, group, in_order: bool):
+    """Post one isend/irecv with group rank `peer`: at once, or through the peer's Channel (slow link, NCCL order)."""
+    dst = dist.get_global_rank(group, peer)
+    delay = link_delay(nbytes(t)) if op is dist.isend else 0.0
+    if not delay and not in_order:
+        return op(t, dst, group=group)
+    if (id(group), dst) not in CHANNELS:
+        CHANNELS[id(group), dst] = Channel()
+    return CHANNELS[id(group), dst].post(op, t, dst, group, delay, in_order)
+
+
+def send(t: Tensor, peer: int, group, kind: str) -> Request:
+    """Send t to group rank `peer` as a single op (NCCL: on the rank pair's own communicator and stream)."""
+    t = t.contiguous()
+    BYTES_SENT[kind] += nbytes(t)
+    return Request([post(dist.isend, t, peer, group, NCCL["on"])], [t], kind)
+
+
+def recv(buf: Tensor, peer: int, group, kind: str) -> Request:
+    """Receive into the contiguous buffer `buf` from group rank `peer` as a single op."""
+    if not buf.is_contiguous():
+        raise ValueError(f"{kind}: receive buffers must be contiguous")
+    BYTES_RECV[kind] += nbytes(buf)
+    return Request([post(dist.irecv, buf, peer, group, NCCL["on"])], [], kind)
+
+
 def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group, kind: str) -> list[Request]:
     """Post sends [(tensor, group_rank)] and receives [(buffer, group_rank)] together; returns requests to wait on."""
     if not all(t.is_contiguous() for t, _ in recvs):
@@ -154,15 +194,15 @@ def p2p(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]], group,
         BYTES_SENT[kind] += nbytes(t)
     for t, _ in recvs:
         BYTES_RECV[kind] += nbytes(t)
-    link = LINK["link"]
     ops = [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in recvs]
-    if link is None:
+    if LINK["latency"] or LINK["bandwidth"]:
+        works = [post(dist.isend, t, peer, group, False) for t, peer in sends]
+        works += dist.batch_isend_irecv(ops) if ops else []
+    else:
         ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group) for t, peer in sends] + ops
         works = dist.batch_isend_irecv(ops) if ops else []
-    else:
-        works = [link.send(t, peer, group) for t, peer in sends] + (dist.batch_isend_irecv(ops) if ops else [])
     sent = [t for t, _ in sends]
-    if NCCL_SEMANTICS["coalesce"]:
+    if NCCL["on"]:
         return [Request(works, sent, kind)] if works else []
     return [Request([work], sent[i:i + 1], kind) for i, work in enumerate(works)]
 
@@ -174,8 +214,7 @@ def wait(reqs: list) -> None:
 
 def collective_delay(P: int, shard_bytes: int) -> float:
     """Emulated time of a ring collective: P-1 hops of one shard (0 without a slow link)."""
-    link = LINK["link"]
-    return 0.0 if link is None else (P - 1) * link.delay(shard_bytes)
+    return (P - 1) * link_delay(shard_bytes)
 
 
 def all_gather(t: Tensor, group, kind: str, async_op: bool = False):
@@ -187,7 +226,7 @@ def all_gather(t: Tensor, group, kind: str, async_op: bool = False):
     BYTES_RECV[kind] += (P - 1) * nbytes(t)
     ready_at = time.perf_counter() + collective_delay(P, nbytes(t))
     req = ALL_GATHER(out, t if t.dim() else t[None], group=group, async_op=async_op)
-    if async_op and LINK["link"] is not None:
+    if async_op and (LINK["latency"] or LINK["bandwidth"]):
         req = DelayedWork(req, ready_at)
     elif not async_op:
         DelayedWork(None, ready_at).wait()
@@ -250,8 +289,9 @@ class Overlap:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.stream.device)
             current.wait_stream(self.stream)
-            if isinstance(self.result, Tensor):
-                self.result.record_stream(current)
+            for t in self.result if isinstance(self.result, (list, tuple)) else [self.result]:
+                if isinstance(t, Tensor):
+                    t.record_stream(current)
             return self.result
         self.thread.join()
         if self.error is not None:

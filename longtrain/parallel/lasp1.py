@@ -12,7 +12,7 @@ from longtrain.kernels.reference import acc_dtype
 from longtrain.parallel.comm import group_rank, group_size
 from longtrain.parallel.linear_state import correct, correction_backward, local_backward, local_passes
 from longtrain.parallel.sharding import local_chunks
-from longtrain.parallel.state_scan import post_receives, scan_backward, scan_forward, scan_route
+from longtrain.parallel.state_scan import first_receives, scan_backward, scan_forward, scan_route
 
 
 class Lasp1(torch.autograd.Function):
@@ -23,7 +23,7 @@ class Lasp1(torch.autograd.Function):
         P, r = group_size(group), group_rank(group)
         route = scan_route(P, r, layout)
         shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])  # [B, H, Dk, Dv]
-        incoming = post_receives(route, r, False, shape, acc_dtype(q), q.device, 1, group, "lasp1_fwd")
+        incoming = first_receives(route, r, False, shape, acc_dtype(q), q.device, 1, group, "lasp1_fwd")
         chunks = local_chunks(q.shape[2], P, r, layout)
         lps = local_passes(q, k, v, log_decay, seg, scale, chunk_size, backend, chunks)
         summaries = [(lp.state.detach(), lp.decay.detach()) for lp in lps]
@@ -35,13 +35,11 @@ class Lasp1(torch.autograd.Function):
     def backward(ctx, dout):
         group, lps, states_in = ctx.group, ctx.lps, ctx.states_in
         r = group_rank(group)
-        incoming = post_receives(ctx.route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, 1, group,
+        incoming = first_receives(ctx.route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, 1, group,
                                  "lasp1_bwd")
         douts = [dout.narrow(2, off, n) for off, _, n in ctx.chunks]
         corrections = [correction_backward(lp, d, s) for lp, d, s in zip(lps, douts, states_in)]
         w_after = scan_backward([g for _, g in corrections], [lp.decay.detach() for lp in lps], ctx.route, r,
                                 ctx.gates, incoming, 1, lps[0].backend, group, "lasp1_bwd")
-        grads = [local_backward(lp, d, s, w, corr)
-                 for lp, d, s, w, (corr, _) in zip(lps, douts, states_in, w_after, corrections)]
-        merged = [None if parts[0] is None else torch.cat(parts, 2) for parts in zip(*grads)]
+        merged = local_backward(lps, douts, states_in, w_after, [corr for corr, _ in corrections])
         return (*merged, None, None, None, None, None, None, None)

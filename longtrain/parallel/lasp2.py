@@ -69,9 +69,9 @@ class Lasp2(torch.autograd.Function):
         corrections = [correction_backward(lp, d, s) for lp, d, s in zip(lps, douts, states_in)]
         gathered, req = all_gather(torch.stack([grad for _, grad in corrections]), group, "lasp2_bwd", async_op=True)
         own = chunk_ids(P, r, layout)
+        corr = [c for c, _ in corrections]
         if ctx.overlap:
-            partial = [local_backward(lp, d, s, None, corr, keep_graph=True)
-                       for lp, d, s, (corr, _) in zip(lps, douts, states_in, corrections)]
+            partial = local_backward(lps, douts, states_in, [None] * len(lps), corr, keep_graph=True)
         req.wait()
         grad_states = by_chunk(gathered, P, layout)
         w_after, w_next = {}, None  # w_after[c] = W_{c+1}, the state gradient chunk c+1 sends back
@@ -79,11 +79,9 @@ class Lasp2(torch.autograd.Function):
             w_after[c] = w_next
             grad_c = grad_states[c] if w_next is None else combine(lps[0].backend, decays[c], w_next, grad_states[c])
             w_next = gate_of(gates, c, grad_c) * grad_c
+        w_nexts = [w_after[c] for c in own]
         if ctx.overlap:
-            grads = [g if w_after[c] is None else add_grads(g, state_grads(lp, s_in, w_after[c]))
-                     for g, lp, s_in, c in zip(partial, lps, states_in, own)]
+            merged = add_grads(partial, state_grads(lps, states_in, w_nexts))
         else:
-            grads = [local_backward(lp, d, s_in, w_after[c], corr)
-                     for lp, d, s_in, c, (corr, _) in zip(lps, douts, states_in, own, corrections)]
-        merged = [None if parts[0] is None else torch.cat(parts, 2) for parts in zip(*grads)]
+            merged = local_backward(lps, douts, states_in, w_nexts, corr)
         return (*merged, None, None, None, None, None, None, None)

@@ -1,7 +1,7 @@
 """The math every linear-attention SP algorithm shares: a local pass, the state scan, the correction.
 
-Rank r holds a contiguous slice (LASP-2 and Ulysses also take the two zigzag chunks; the same math then
-runs over the 2P chunks in sequence order). With zero initial state it computes its outputs, its final state M_r
+Rank r holds a contiguous slice, or the two zigzag chunks r and 2P-1-r; the same math then runs over
+the 2P chunks in sequence order. With zero initial state it computes its outputs, its final state M_r
 [B, H, Dk, Dv] and its total decay A_r ([B, H, Dk] or [B, H, 1]; 0 where a document starts inside the
 slice). The true incoming state is the exclusive scan S_{r+1} = gate_{r+1} (A_r S_r + M_r), S_0 = 0,
 where gate_r = 0 when rank r's first token starts a new document. Each output then gets
@@ -126,12 +126,6 @@ def correct(lp: LocalPass, state_in: Tensor) -> Tensor:
                                     lp.from_state, lp.scale, state_in)
 
 
-def finish_forward(ctx, lp: LocalPass, state_in: Tensor, q: Tensor) -> Tensor:
-    """The corrected output; keeps the local graph and S_in on ctx for the backward."""
-    ctx.lp, ctx.state_in = lp, state_in
-    return correct(lp, state_in).to(q.dtype)
-
-
 def correction_backward(lp: LocalPass, dout: Tensor, state_in: Tensor) -> tuple[tuple, Tensor]:
     """((dq, db) of the correction term, dL/dS_in of this rank's own outputs [B, H, Dk, Dv])."""
     dq, db, grad_state = lp.backend.sp_correction_backward(dout, lp.inputs[0].detach(), lp.b.detach(),
@@ -139,20 +133,56 @@ def correction_backward(lp: LocalPass, dout: Tensor, state_in: Tensor) -> tuple[
     return (dq, db.to(lp.b.dtype)), grad_state.to(state_in.dtype)
 
 
-def input_grads(lp: LocalPass, roots: list, grads: list, keep_graph: bool = False) -> list:
-    """Gradients of lp's inputs (q, k, v, log_decay; None where not needed) from the given roots."""
+def input_grads(lps: list[LocalPass], roots: list, grads: list, keep_graph: bool) -> list[list]:
+    """Per chunk, gradients of its inputs (q, k, v, log_decay; None where not needed), in ONE autograd call:
+    under activation checkpointing each call recomputes the whole block, its communication included."""
     keep = [i for i, root in enumerate(roots) if root.requires_grad]
-    leaves = [t for t in lp.inputs if t is not None and t.requires_grad]
+    leaves = [t for lp in lps for t in lp.inputs if t is not None and t.requires_grad]
     if not keep or not leaves:
-        return [None] * len(lp.inputs)
+        return [[None] * len(lp.inputs) for lp in lps]
     found = iter(torch.autograd.grad([roots[i] for i in keep], leaves, [grads[i] for i in keep], allow_unused=True,
                                      retain_graph=keep_graph))
-    return [next(found) if t is not None and t.requires_grad else None for t in lp.inputs]
+    return [[next(found) if t is not None and t.requires_grad else None for t in lp.inputs] for lp in lps]
 
 
-def state_grads(lp: LocalPass, state_in: Tensor, w_next: Tensor) -> list:
-    """The part of the local backward through M_r and A_r, given W_{r+1} from the next chunk."""
-    return input_grads(lp, [lp.state, lp.decay], [w_next, decay_grad(lp.decay, state_in, w_next)])
+def concat(per_chunk: list[list], lps: list[LocalPass]) -> list:
+    """This rank's gradients of q, k, v, log_decay: its chunks' gradients concatenated along the sequence (zeros for
+    a chunk that got none, None where no chunk did)."""
+    out = []
+    for j, parts in enumerate(zip(*per_chunk)):
+        if all(p is None for p in parts):
+            out.append(None)
+        else:
+            out.append(torch.cat([torch.zeros_like(lp.inputs[j]) if p is None else p for p, lp in zip(parts, lps)], 2))
+    return out
+
+
+def local_backward(lps: list[LocalPass], douts: list, states_in: list, w_nexts: list, corrections: list,
+                   keep_graph: bool = False) -> list:
+    """Gradients of this rank's q, k, v, log_decay from dout, the corrections' (dq, db) and each chunk's W_{c+1}
+    (None: the last chunk, or not known yet; with keep_graph, state_grads adds that part later)."""
+    roots, grads = [], []
+    for lp, dout, state_in, w_next, (_, db_correction) in zip(lps, douts, states_in, w_nexts, corrections):
+        roots += [lp.out, lp.b]
+        grads += [dout.to(lp.out.dtype), db_correction]
+        if w_next is not None:
+            roots += [lp.state, lp.decay]
+            grads += [w_next, decay_grad(lp.decay, state_in, w_next)]
+    per_chunk = input_grads(lps, roots, grads, keep_graph)
+    for grads_c, (dq_correction, _) in zip(per_chunk, corrections):
+        if grads_c[0] is not None:
+            grads_c[0] = grads_c[0] + dq_correction.to(grads_c[0].dtype)
+    return concat(per_chunk, lps)
+
+
+def state_grads(lps: list[LocalPass], states_in: list, w_nexts: list) -> list:
+    """The part of the local backward through each chunk's M and A, given its W_{c+1} (None: no next chunk)."""
+    roots, grads = [], []
+    for lp, state_in, w_next in zip(lps, states_in, w_nexts):
+        if w_next is not None:
+            roots += [lp.state, lp.decay]
+            grads += [w_next, decay_grad(lp.decay, state_in, w_next)]
+    return concat(input_grads(lps, roots, grads, False), lps)
 
 
 def add_grads(a: list, b: list) -> list:
@@ -161,31 +191,13 @@ def add_grads(a: list, b: list) -> list:
 
 def overlap_backward(lp: LocalPass) -> bool:
     """Whether the local backward may run as two autograd calls around the state communication (local_backward
-    without W while it is in flight, state_grads after). Not with a fused chunked backward (its kernels would run twice),
-    nor under saved-tensor hooks: under activation checkpointing every autograd call recomputes the whole block,
-    its communication included, so one call after the communication is both cheaper and safe. Called in the
-    forward, where the hooks are visible.
+    without W while it is in flight, state_grads after). Not with a fused chunked backward (its kernels would run
+    twice), nor under saved-tensor hooks: under activation checkpointing every autograd call recomputes the whole
+    block, its communication included, so one call after the communication is both cheaper and safe. Called in
+    the forward, where the hooks are visible (through torch's private _top_saved_tensors_default_hooks).
     """
     fused = getattr(lp.backend, "FUSED_LINEAR_BACKWARD", False)
     return not fused and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-
-
-def local_backward(lp: LocalPass, dout: Tensor, state_in: Tensor, w_next: Tensor | None, correction: tuple,
-                   keep_graph: bool = False) -> list:
-    """Gradients of q, k, v, log_decay given dout, the correction's (dq, db) and W_{r+1} from the next chunk.
-
-    With w_next=None (and keep_graph=True while state_grads is still to come) it is the part that needs no
-    W_{r+1}, which can run while W is in flight.
-    """
-    dq_correction, db_correction = correction
-    roots, grads = [lp.out, lp.b], [dout.to(lp.out.dtype), db_correction]
-    if w_next is not None:
-        roots += [lp.state, lp.decay]
-        grads += [w_next, decay_grad(lp.decay, state_in, w_next)]
-    result = input_grads(lp, roots, grads, keep_graph)
-    if result[0] is not None:
-        result[0] = result[0] + dq_correction.to(result[0].dtype)
-    return result
 
 
 def zero_state(q: Tensor, v: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from longtrain.parallel.comm import Overlap, group_rank, group_size
 from longtrain.parallel.linear_state import (add_grads, correct, correction_backward, local_backward, local_passes,
                                              overlap_backward, state_grads)
 from longtrain.parallel.sharding import local_chunks
-from longtrain.parallel.state_scan import post_receives, scan_backward, scan_forward, scan_route
+from longtrain.parallel.state_scan import first_receives, scan_backward, scan_forward, scan_route
 
 DEFAULT_BLOCKS = 4
 
@@ -46,7 +46,7 @@ class ZeCO(torch.autograd.Function):
         P, r = group_size(group), group_rank(group)
         route, K = scan_route(P, r, layout), num_blocks(v.shape[-1], blocks)
         shape = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])  # [B, H, Dk, Dv]
-        incoming = post_receives(route, r, False, shape, acc_dtype(q), q.device, K, group, "zeco_fwd")
+        incoming = first_receives(route, r, False, shape, acc_dtype(q), q.device, K, group, "zeco_fwd")
         scan_kernels = scan_backend(backend, q.device)
         scan = {}
 
@@ -65,7 +65,7 @@ class ZeCO(torch.autograd.Function):
     def backward(ctx, dout):
         group, gates, route, K, lps, states_in = ctx.group, ctx.gates, ctx.route, ctx.blocks, ctx.lps, ctx.states_in
         r = group_rank(group)
-        incoming = post_receives(route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, K, group,
+        incoming = first_receives(route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, K, group,
                                  "zeco_bwd")
         douts = [dout.narrow(2, off, n) for off, _, n in ctx.chunks]
         corrections = [correction_backward(lp, d, s) for lp, d, s in zip(lps, douts, states_in)]
@@ -75,16 +75,11 @@ class ZeCO(torch.autograd.Function):
             return scan_backward([g for _, g in corrections], decays, route, r, gates, incoming, K,
                                  scan_backend(lps[0].backend, dout.device), group, "zeco_bwd")
 
+        corr = [c for c, _ in corrections]
         if ctx.overlap:
             job = Overlap(scan, dout.device)
-            grads = [local_backward(lp, d, s, None, corr, keep_graph=nxt is not None)
-                     for lp, d, s, (corr, _), (_, _, nxt) in zip(lps, douts, states_in, corrections, route)]
-            w_after = job.join()
-            grads = [g if w is None else add_grads(g, state_grads(lp, s, w))
-                     for g, lp, s, w in zip(grads, lps, states_in, w_after)]
+            partial = local_backward(lps, douts, states_in, [None] * len(lps), corr, keep_graph=True)
+            merged = add_grads(partial, state_grads(lps, states_in, job.join()))
         else:
-            w_after = scan()
-            grads = [local_backward(lp, d, s, w, corr)
-                     for lp, d, s, w, (corr, _) in zip(lps, douts, states_in, w_after, corrections)]
-        merged = [None if parts[0] is None else torch.cat(parts, 2) for parts in zip(*grads)]
+            merged = local_backward(lps, douts, states_in, scan(), corr)
         return (*merged, None, None, None, None, None, None, None, None)
