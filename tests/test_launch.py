@@ -52,10 +52,11 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
     (tmp_path / "empty.bin").write_bytes(b"")
     (tmp_path / "short.bin").write_bytes(bytes(20))  # 10 uint16 tokens
     launch = ["launch", "--nproc", "2"]
-    return [([*launch, TINY, "parallel.sp_size=3"], "(parallel.sp_size=3, contiguous)"),  # 128 tokens in 3 parts
-            ([*launch, "--dry-run", TINY, "parallel.sp_size=3", "data.seq_len=129"],
+    return [([*launch, TINY, "parallel.sp_size=3"], "(parallel.sp_size=3, zigzag)"),  # 128 tokens in 6 parts
+            ([*launch, "--dry-run", TINY, "parallel.sp_size=3", "data.seq_len=132"],
              "parallel.sp_size=3 does not divide the world size 2"),
-            ([*launch, TINY, "data.seq_len=127"], "data.seq_len=127 does not split into 2 equal chunks"),
+            ([*launch, TINY, "data.seq_len=127", "parallel.layout=contiguous"],
+             "data.seq_len=127 does not split into 2 equal chunks"),
             ([*launch, TINY, "data.seq_len=130", "parallel.layout=zigzag", "parallel.linear_sp=lasp2"],
              "data.seq_len=130 does not split into 4 equal chunks"),
             (["train", TINY], "parallel.sp_size=2 does not divide the world size 1: start it with `longtrain launch"),
@@ -87,7 +88,7 @@ def test_a_bad_input_from_the_shell_has_no_traceback():
 @pytest.mark.slow
 def test_an_error_inside_the_workers_prints_once(tmp_path):
     """`longtrain train` under torchrun itself (as in the SLURM script): every rank fails, rank 0 alone says why."""
-    cmd = torchrun_command(TINY, [f"run.dir={tmp_path}", "parallel.sp_size=3", "data.seq_len=129"], nproc=2)
+    cmd = torchrun_command(TINY, [f"run.dir={tmp_path}", "parallel.sp_size=3", "data.seq_len=132"], nproc=2)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
     assert done.returncode == 1 and "Traceback" not in out, out
