@@ -145,6 +145,31 @@ def test_sigterm_to_the_launcher_checkpoints_the_running_step_and_leaves_no_proc
     assert steps_logged(tmp_path)[-1] == last + 1
 
 
+SLOW_STEP = ["data.seq_len=6144", "data.batch_size=16", "model.d_model=64", "model.n_layers=20", "model.chunk_size=32",
+             "model.activation_checkpointing=true"]  # about 50 s per step on 2 CPU cores
+
+
+def test_sigterm_during_a_step_longer_than_torchruns_30_s_window_checkpoints_it(tmp_path):
+    """run.stop_timeout, not torchrun's default 30 s, bounds the stop: the step under way and its save finish."""
+    job = launch(tmp_path, "train.steps=100000", "train.save_every=0", "run.stop_timeout=300", *SLOW_STEP)
+    deadline = time.time() + 60
+    while not (tmp_path / "config.yaml").exists():  # written by the trainer before its first step
+        assert time.time() < deadline and job.poll() is None, "training did not start"
+        time.sleep(0.2)
+    time.sleep(5)  # into step 1
+    tree = descendants(job.pid)
+    start = time.time()
+    job.send_signal(signal.SIGTERM)
+    out = job.communicate(timeout=300)[0]
+    assert time.time() - start > 30, "the step took under 30 s: make SLOW_STEP slower"
+    assert "Traceback" not in out and steps_logged(tmp_path) == [1], out
+    assert os.listdir(tmp_path / "checkpoints") == ["step_00000001"], out
+    assert not alive(tree)
+    restart = launch(tmp_path, "train.steps=1", *SLOW_STEP)
+    out = restart.communicate(timeout=120)[0]
+    assert restart.returncode == 0 and f"resumed from {checkpoint(tmp_path, 1)}" in out, out
+
+
 def test_kill_9_of_one_worker_ends_every_process_and_the_restart_resumes(tmp_path):
     job = launch(tmp_path, "train.steps=100000", "train.save_every=2")
     wait_for_step(job, tmp_path, 5)
@@ -152,7 +177,8 @@ def test_kill_9_of_one_worker_ends_every_process_and_the_restart_resumes(tmp_pat
     torchrun = children[job.pid][0]
     tree = descendants(job.pid)
     os.kill(children[torchrun][1], signal.SIGKILL)
-    job.communicate(timeout=30)
+    out = job.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out  # the survivors stop with one line at most
     assert job.returncode != 0
     deadline = time.time() + 30
     while alive(tree) and time.time() < deadline:

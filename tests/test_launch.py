@@ -143,27 +143,34 @@ def test_module_entry_point_and_console_script():
 
 
 @pytest.mark.slow
-def test_time_limit_signal_checkpoints_then_requeues(tmp_path):
-    """USR1 to the batch shell (SLURM's --signal=B:USR1) -> SIGTERM through torchrun -> checkpoint -> requeue."""
+def test_time_limit_signal_checkpoints_a_step_longer_than_30_s_then_requeues(tmp_path):
+    """USR1 to the batch shell (SLURM's --signal=B:USR1) -> SIGTERM through torchrun -> the running step, longer
+    than torchrun's default 30 s shutdown window, finishes -> checkpoint -> requeue."""
     run_dir = tmp_path / "run"
     out = tmp_path / "slurm"
-    overrides = [o for o in FAST if not o.startswith(("train.steps", "train.save_every"))]
+    slow_step = ["model.n_layers=20", "model.d_model=64", "model.chunk_size=32", "data.seq_len=6144",
+                 "data.batch_size=16", "model.activation_checkpointing=true"]  # about 50 s per step on 2 CPU cores
+    overrides = [o for o in FAST if not o.startswith(("train.steps", "train.save_every", "model.", "data.seq_len",
+                                                      "data.batch_size"))]
     assert cli(["slurm", "--nodes", "1", "--gpus-per-node", "2", "--output", str(out), TINY, f"run.dir={run_dir}",
-                *overrides, "train.steps=100000", "train.save_every=0"]) == 0
+                *overrides, *slow_step, "train.steps=100000", "train.save_every=0"]) == 0
     log = tmp_path / "log"
     env = dict(os.environ, PATH=f"{fake_slurm_bin(tmp_path)}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n1",
                SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="77", FAKE_SLURM_LOG=str(log))
     job = subprocess.Popen(["bash", str(next(out.glob("*.sbatch")))], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() or os.path.getsize(run_dir / "metrics.jsonl") == 0:
+    while not (run_dir / "config.yaml").exists():  # written by the trainer before its first step
         assert time.time() < deadline and job.poll() is None, "training did not start"
-        time.sleep(0.5)
+        time.sleep(0.2)
+    time.sleep(5)  # into step 1
+    start = time.time()
     job.send_signal(signal.SIGUSR1)
-    assert job.wait(timeout=120) == 0
+    assert job.wait(timeout=300) == 0
+    assert time.time() - start > 30, "the step took under 30 s: make slow_step slower"
     assert log.read_text().split() == ["requeue", "77"]
-    last = json.loads(open(run_dir / "metrics.jsonl").readlines()[-1])["step"]
-    assert os.listdir(run_dir / "checkpoints") == [f"step_{last:08d}"]  # the step under way, then the save
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
+    assert steps == [1] and os.listdir(run_dir / "checkpoints") == ["step_00000001"]  # the step under way, saved
 
 
 def test_slurm_script_resources_stop_budget_and_absolute_run_dir(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from longtrain.parallel.spawn import run_distributed
 from longtrain.attention import sigmoid_attention, softmax_attention
 from longtrain.kernels import get_backend
 from longtrain.parallel import comm, shard_sequence, sp_softmax_attention, unshard_sequence
-from longtrain.parallel.ring import chunk_pairs, ring_attention
+from longtrain.parallel.ring import chunk_pairs, document_spans, ring_attention, sequence_spans
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +107,7 @@ def worker_ring_skips_foreign_documents(rank, world):
         calls.clear()
         shard = None if segment_ids is None else shard_sequence(segment_ids, 1, group, "zigzag")
         out, _ = ring_attention(*local, shard, group, "zigzag", counting, opts)
+        assert document_spans(shard, group, "zigzag") == sequence_spans(segment_ids, world, "zigzag")
         want, _ = softmax_attention(q, k, v, causal=True, segment_ids=segment_ids)
         assert (out - shard_sequence(want, 2, group, "zigzag")).abs().max() < 1e-10
         counts.append(len(calls))

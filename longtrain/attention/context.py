@@ -12,7 +12,8 @@ class AttnContext:
     """positions [N_local] are the global positions of this rank's tokens (RoPE); seq_len is the global N.
 
     doc_gates: which SP chunks continue the previous chunk's document (parallel.document_gates), gathered
-    once per step for every linear layer; None without documents or SP.
+    once per step for every linear layer; doc_spans: each SP chunk's first and last document id
+    (parallel.sequence_spans), for ring attention to skip chunk pairs; None without documents or SP.
     """
     positions: Tensor
     seq_len: int
@@ -20,6 +21,7 @@ class AttnContext:
     sp: SPContext | None = None
     backend: str = "torch"
     doc_gates: Tensor | None = None
+    doc_spans: list | None = None
 
     @staticmethod
     def single(n: int, device=None, segment_ids: Tensor | None = None, backend: str = "torch") -> "AttnContext":

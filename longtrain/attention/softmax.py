@@ -35,7 +35,7 @@ class SoftmaxAttention(nn.Module):
                                           layout=ctx.sp.layout, causal=True, window=self.window,
                                           segment_ids=ctx.segment_ids, kind=self.kind, sigmoid_bias=bias,
                                           ulysses_size=ctx.sp.ulysses_size, return_lse=False,
-                                          backend=ctx.backend)
+                                          backend=ctx.backend, doc_spans=ctx.doc_spans)
             return out
         if self.kind == "sigmoid":
             return sigmoid_attention(q, k, v, window=self.window, segment_ids=ctx.segment_ids, bias=bias,

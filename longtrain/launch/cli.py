@@ -171,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -180,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(5)  # and torchrun ends this rank before it repeats it
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a rank whose peer died: the failing rank printed the error, not every survivor
+        if "RANK" not in os.environ or not any(s in str(e) for s in PEER_GONE):
+            raise
+        if os.environ["RANK"] == "0":
+            print("error: rank 0 stopped: another rank failed (its error, if any, is above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from longtrain.parallel.context import SPContext
 from longtrain.parallel.lasp1 import Lasp1
 from longtrain.parallel.lasp2 import Lasp2
 from longtrain.parallel.linear_state import document_gates
-from longtrain.parallel.ring import ring_attention
+from longtrain.parallel.ring import ring_attention, sequence_spans
 from longtrain.parallel.sharding import (LAYOUTS, local_positions, pad_sequence, shard_sequence,
                                          unshard_sequence)
 from longtrain.parallel.ulysses import ulysses_attention, ulysses_linear_attention
@@ -34,12 +34,14 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
                          layout: str = "contiguous", causal: bool = True, window: int | None = None,
                          segment_ids: Tensor | None = None, scale: float | None = None, kind: str = "softmax",
                          sigmoid_bias: float = 0.0, ulysses_size: int = 1, return_lse: bool = True,
-                         backend: str = "torch", save_gathered_kv: bool = False) -> tuple[Tensor, Tensor | None]:
+                         backend: str = "torch", save_gathered_kv: bool = False,
+                         doc_spans: list | None = None) -> tuple[Tensor, Tensor | None]:
     """This rank's shard of single-device softmax (or sigmoid) attention; inputs are shards in `layout`.
 
     Returns (out [B, Hq, N/P, D], lse [B, Hq, N/P] float32). lse is None for kind="sigmoid" and when
     return_lse=False (the mixers' case: Ulysses and USP then skip sending it back). save_gathered_kv: allgather
-    keeps the gathered K/V for backward instead of gathering them again.
+    keeps the gathered K/V for backward instead of gathering them again. doc_spans: `sequence_spans(full ids, P,
+    layout)` for ring, when the caller has the full ids (a trainer computes them once per step).
     """
     P = group_size(group)
     check_algorithm(algorithm, SOFTMAX_SP, P)
@@ -52,7 +54,7 @@ def sp_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorit
     if algorithm == "none" or (P == 1 and algorithm != "usp"):
         out, lse = local_attention(q, k, v, backend=kernels, q_seg=segment_ids, k_seg=segment_ids, **opts)
     elif algorithm == "ring":
-        out, lse = ring_attention(q, k, v, segment_ids, group, layout, kernels, opts)
+        out, lse = ring_attention(q, k, v, segment_ids, group, layout, kernels, opts, doc_spans)
     elif algorithm == "allgather":
         out, lse = allgather_attention(q, k, v, segment_ids, group, layout, kernels, opts, save_gathered_kv)
     elif algorithm == "usp":
@@ -96,4 +98,5 @@ def sp_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, algorith
 
 
 __all__ = ["LAYOUTS", "LINEAR_SP", "SOFTMAX_SP", "STATE_PASSING_SP", "SPContext", "document_gates", "local_positions",
-           "pad_sequence", "shard_sequence", "sp_linear_attention", "sp_softmax_attention", "unshard_sequence"]
+           "pad_sequence", "sequence_spans", "shard_sequence", "sp_linear_attention", "sp_softmax_attention",
+           "unshard_sequence"]

@@ -7,34 +7,49 @@ Communication (per rank, P ranks, local K/V of shape [B, Hkv, N/P, D]):
             and arrives back at its owner; dK/dV transfers overlap the next step's compute.
 Query/key chunk pairs that the causal or window mask hides entirely are skipped; with the zigzag layout
 every rank then does the same causal work. With packed documents (ids non-decreasing along the sequence),
-pairs whose chunks share no document are skipped too: one all-gather of each chunk's first and last
-document id at the start of the forward tells every rank which pairs are empty.
+pairs whose chunks share no document are skipped too: each chunk's first and last document id tell every
+rank which pairs are empty (the trainer computes them once per step from the full ids; without them, one
+small all-gather at the start of the forward).
 """
 import torch
 from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype, merge_partials, tile_is_masked
 from longtrain.parallel.comm import all_gather, group_rank, group_size, p2p, wait
-from longtrain.parallel.sharding import chunk_ids, local_chunks
+from longtrain.parallel.sharding import chunk_ids, local_chunks, num_chunks
+
+
+def chunk_stats(parts: list[Tensor]) -> Tensor:
+    """[chunks, B, 3]: first id, last id and whether the ids never decrease, of each [B, n] chunk."""
+    return torch.stack([torch.stack([p[:, 0], p[:, -1], (p.diff(dim=1) >= 0).all(1).long()], 1) for p in parts])
+
+
+def spans_of(stats: Tensor) -> list | None:
+    """[chunk][row] = (first, last) document id from chunk_stats in sequence order; None unless ids never decrease."""
+    stats = stats.tolist()
+    rows = range(len(stats[0]))
+    ordered = all(s[b][2] for s in stats for b in rows) and all(
+        stats[c][b][0] >= stats[c - 1][b][1] for c in range(1, len(stats)) for b in rows)
+    return [[row[:2] for row in chunk] for chunk in stats] if ordered else None
+
+
+def sequence_spans(segment_ids: Tensor | None, P: int, layout: str) -> list | None:
+    """document_spans from the full [B, N] ids, without communication (a trainer computes them once per step)."""
+    return None if segment_ids is None else spans_of(chunk_stats(list(segment_ids.chunk(num_chunks(P, layout), 1))))
 
 
 def document_spans(seg: Tensor | None, group, layout: str) -> list | None:
-    """[chunk][row] = (first, last) document id of every global chunk; None without documents or when the
-    ids are not non-decreasing along the sequence (then no pair is skipped for documents)."""
+    """spans_of every global chunk from the ranks' local ids [B, N/P]: one small all-gather and a host sync."""
     if seg is None:
         return None
     P = group_size(group)
-    parts = seg.chunk(len(chunk_ids(P, 0, layout)), 1)
-    local = torch.stack([torch.stack([p[:, 0], p[:, -1], (p.diff(dim=1) >= 0).all(1).long()], 1) for p in parts])
+    local = chunk_stats(list(seg.chunk(len(chunk_ids(P, 0, layout)), 1)))
     gathered, _ = all_gather(local.long(), group, "ring_docs")  # [P, chunks per rank, B, 3]
-    spans = [None] * (P * len(parts))
+    stats = [None] * (P * local.shape[0])
     for p in range(P):
         for i, c in enumerate(chunk_ids(P, p, layout)):
-            spans[c] = gathered[p, i].tolist()
-    rows = range(len(spans[0]))
-    ordered = all(s[b][2] for s in spans for b in rows) and all(
-        spans[c][b][0] >= spans[c - 1][b][1] for c in range(1, len(spans)) for b in rows)
-    return spans if ordered else None
+            stats[c] = gathered[p, i]
+    return spans_of(torch.stack(stats))
 
 
 def share_document(spans: list | None, q_chunk: int, k_chunk: int) -> bool:
@@ -62,11 +77,12 @@ class RingAttention(torch.autograd.Function):
     """(out, lse) of this rank's queries against every rank's keys, K/V passed around the ring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seg, group, layout, backend, opts):
+    def forward(ctx, q, k, v, seg, group, layout, backend, opts, spans):
         P, r = group_size(group), group_rank(group)
         n_local = q.shape[2]
         kind, dt = opts["kind"], acc_dtype(q)
-        spans = document_spans(seg, group, layout)
+        if spans is None:
+            spans = document_spans(seg, group, layout)
         out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=dt)
         lse = q.new_full(q.shape[:3], -torch.inf, dtype=dt) if kind == "softmax" else None
         block = [t.contiguous() for t in [k, v] + ([] if seg is None else [seg])]
@@ -143,10 +159,11 @@ class RingAttention(torch.autograd.Function):
                 block = nxt
         wait(grad_reqs)
         dk, dv = grad_in
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, group, layout: str, backend,
-                   opts: dict) -> tuple[Tensor, Tensor | None]:
-    """Ring attention over `group`; q/k/v/seg are this rank's shards in `layout`."""
-    return RingAttention.apply(q, k, v, seg, group, layout, backend, opts)
+                   opts: dict, doc_spans: list | None = None) -> tuple[Tensor, Tensor | None]:
+    """Ring attention over `group`; q/k/v/seg are this rank's shards in `layout`. doc_spans: sequence_spans of the
+    full ids when the caller has them (else gathered here)."""
+    return RingAttention.apply(q, k, v, seg, group, layout, backend, opts, doc_spans)

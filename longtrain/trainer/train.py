@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext
 from longtrain.config import Config, layer_mixers
-from longtrain.parallel import (STATE_PASSING_SP, SPContext, comm, document_gates, local_positions,
+from longtrain.parallel import (STATE_PASSING_SP, SPContext, comm, document_gates, local_positions, sequence_spans,
                                 pad_sequence, shard_sequence)
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
@@ -130,7 +130,9 @@ class Trainer:
                         for t in (batch.tokens, batch.targets, batch.loss_mask, batch.segment_ids)))
         positions = local_positions(local.tokens.shape[1], group, layout, self.device)
         doc_gates = document_gates(local.segment_ids, group, layout) if self.has_linear_sp else None
-        return local, AttnContext(positions, N, local.segment_ids, self.sp, self.cfg.kernels.backend, doc_gates)
+        doc_spans = sequence_spans(batch.segment_ids, self.mesh.sp_size, layout)  # every SP rank holds the full ids
+        return local, AttnContext(positions, N, local.segment_ids, self.sp, self.cfg.kernels.backend, doc_gates,
+                                  doc_spans)
 
     def forward_loss(self, batch: Batch, accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
