@@ -10,6 +10,17 @@ from longtrain.parallel import comm
 from longtrain.parallel.spawn import run_distributed
 
 
+def seconds(step, device: torch.device) -> float:
+    """Wall seconds of one step() call (synchronized on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, float]:
     """Median seconds of step() (forward + backward) after one warm-up, bytes sent per call, peak memory MB.
 
@@ -17,15 +28,7 @@ def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, 
     """
     step()
     comm.reset_counters()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [seconds(step, device) for _ in range(repeats)]
     sent = sum(comm.BYTES_SENT.values()) // repeats
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20

@@ -10,13 +10,12 @@ waits for both threads, which other processes delay. The targets of issue 11 are
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import plot, print_table  # noqa: E402
+from common import plot, print_table, seconds  # noqa: E402
 from longtrain.attention import linear_attention, softmax_attention  # noqa: E402
 
 SOFTMAX_OPS = ("sdpa causal", "causal", "docs 512", "window 512")
@@ -43,14 +42,9 @@ def best_times(steps: dict, repeats: int, device: torch.device) -> dict:
     best = {name: float("inf") for name in steps}
     for round_ in range(repeats + 1):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            elapsed = seconds(step, device)
             if round_:
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], elapsed)
     return best
 
 
