@@ -58,6 +58,8 @@ def test_a_truncated_file_in_the_newest_checkpoint_falls_back_to_the_previous_on
     assert "Traceback" not in err
     resumed, reference = losses(run), losses(full)
     assert sorted(resumed) == [3, 4, 5, 6] and all(resumed[s] == reference[s] for s in resumed)
+    # the damaged one is set aside, so keeping the last 2 keeps the new save and the intact one before it
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002", "step_00000004.damaged", "step_00000006"]
 
 
 def test_a_changed_byte_is_caught_and_strict_resume_stops_with_one_line(tmp_path, capsys):

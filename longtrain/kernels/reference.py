@@ -173,6 +173,8 @@ def fused_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tenso
     """q, k, v in the compute dtype with Hq heads each (GQA repeated) and one head dim (zero-padded)."""
     dt = q.dtype if q.is_cuda else acc_dtype(q)
     G, width = q.shape[1] // k.shape[1], max(q.shape[-1], v.shape[-1])
+    if q.is_cuda:
+        width = -(-width // 8) * 8  # CUDA's fused kernels take head dims in multiples of 8
     k, v = (x.repeat_interleave(G, 1) if G > 1 else x for x in (k, v))
     return tuple(pad_head(x.to(dt), width) for x in (q, k, v))
 

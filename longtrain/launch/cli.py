@@ -50,10 +50,18 @@ def cmd_train(args) -> int:
 
 def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     """Run `cmd` in its own process group, forward SIGTERM/SIGINT/SIGUSR1 to that group, wait for it to end."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    previous = {sig: signal.signal(sig, lambda signum, frame: os.killpg(proc.pid, signum)) for sig in FORWARDED_SIGNALS}
+    procs = []
+
+    def forward(signum, frame):
+        try:
+            os.killpg(procs[0].pid, signum)
+        except (IndexError, ProcessLookupError):  # not started yet (it will be told nothing), or already gone
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        return proc.wait()
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        return procs[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

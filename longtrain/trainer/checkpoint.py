@@ -80,7 +80,8 @@ def newest_intact(run_dir: str, strict: bool = False) -> str | None:
     for _, path in reversed(complete_checkpoints(run_dir)):
         why = damage(path)
         if why is None:
-            for bad, bad_why in damaged:
+            for bad, bad_why in damaged:  # set aside, so new saves (lower steps) are not pruned in their favour
+                os.replace(bad, bad + ".damaged")
                 print(f"warning: checkpoint {bad} is damaged ({bad_why}); resuming from {path}", file=sys.stderr)
             return path
         if strict:
@@ -100,6 +101,8 @@ def resume_path(run_dir: str, strict: bool, rank0: bool) -> str | None:
             choice[0] = newest_intact(run_dir, strict)
         except CheckpointError as e:
             choice[0] = e
+        except Exception as e:  # e.g. an unreadable file: every rank stops with it, none waits for rank 0
+            choice[0] = CheckpointError(f"cannot read the checkpoints in {run_dir}: {e}")
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
     if isinstance(choice[0], CheckpointError):
@@ -125,7 +128,8 @@ def commit(run_dir: str, tmp: str, final: str, keep_last: int, rank0: bool) -> s
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        older = [path for _, path in complete_checkpoints(run_dir) if path < final]
+        for old in older[:len(older) - keep_last + 1] if keep_last > 0 else []:
             shutil.rmtree(old)
     barrier()
     return final

@@ -25,7 +25,7 @@ from longtrain.trainer.parallelize import init_deepspeed, parallelize
 from longtrain.trainer.plot import plot_run
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each saves a checkpoint and stops
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # each saves a checkpoint and stops
 
 
 def init_distributed(device_type: str) -> None:
