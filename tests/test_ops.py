@@ -65,6 +65,13 @@ def test_softmax_matches_naive(case, heads):
             torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
 
 
+@pytest.mark.parametrize("case", [dict(window=7), dict(q_start=30, k_start=10), dict(window=9, segment_ids=True)],
+                         ids=str)
+def test_block_masks_built_without_the_cache_match_naive(case, monkeypatch):
+    monkeypatch.setattr(reference, "CACHED_MASK_ELEMENTS", 0)  # large blocks' masks are not cached: build every one
+    test_softmax_matches_naive(case, (4, 2))
+
+
 @pytest.mark.parametrize("case", [dict(), dict(window=24), dict(segment_ids=True), dict(segment_ids="equal"),
                                   dict(q_start=64, k_start=0)], ids=str)
 @pytest.mark.parametrize("B", [1, 2])  # B=1: evenly spaced blocks run as strided views

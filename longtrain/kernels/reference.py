@@ -113,18 +113,24 @@ def block_mask(rows: slice, qa: int, qb: int, ka: int, kb: int, q_start: int, k_
             return None, False
         if qp == kp and qb - qa == kb - ka:
             return None, True
-    mask = position_mask(qp - kp, qb - qa, kb - ka, causal, window, device)
+    small = (qb - qa) * (kb - ka) <= CACHED_MASK_ELEMENTS  # equal small blocks share one mask; large ones are built
+    mask = (cached_position_mask if small else position_mask)(qp - kp, qb - qa, kb - ka, causal, window, device)
     if qs is not None:
         mask = mask & (qs[:, None, :, None] == ks[:, None, None, :])
     return mask, False
 
 
-@functools.lru_cache(maxsize=64)
+CACHED_MASK_ELEMENTS = 1 << 22  # 4 MB of bool per cached mask at most: 64 of them stay well under a GPU's memory
+
+
 def position_mask(offset: int, nq: int, nk: int, causal: bool, window: int | None, device) -> Tensor:
-    """[1, 1, nq, nk] causal/window mask of queries at offset + i against keys at j (shared by equal blocks)."""
+    """[1, 1, nq, nk] causal/window mask of queries at offset + i against keys at j."""
     mask = tile_mask(torch.arange(offset, offset + nq, device=device), torch.arange(nk, device=device), causal,
                      window, None, None)
     return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device) if mask is None else mask[None, None]
+
+
+cached_position_mask = functools.lru_cache(maxsize=64)(position_mask)
 
 
 def block_groups(q: Tensor, k: Tensor, q_start: int, k_start: int, causal: bool, window: int | None,
