@@ -120,8 +120,8 @@ def alive(pids: set[int]) -> set[int]:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] != "Z":
                     running.add(pid)
-        except OSError:
-            pass
+        except OSError:  # gone, and reaped
+            continue
     return running
 
 
@@ -197,6 +197,7 @@ def test_a_stop_timeout_shorter_than_a_step_kills_the_workers_without_a_checkpoi
     job = launch(tmp_path, "train.steps=100000", "train.save_every=0", "run.stop_timeout=1", "data.seq_len=8192",
                  *LONG_STEP[1:])
     wait_for_step(job, tmp_path, 1)
+    time.sleep(1)  # into step 2 (several seconds): a signal between steps would be honoured at once, in budget
     tree = descendants(job.pid)
     job.send_signal(signal.SIGTERM)
     start = time.time()

@@ -14,16 +14,7 @@ from longtrain.parallel.comm import all_gather, group_rank, group_size
 from longtrain.parallel.linear_state import (add_grads, combine, correct, correction_backward, gate_of,
                                              local_backward, local_passes, overlap_backward,
                                              state_grads, zero_state)
-from longtrain.parallel.sharding import chunk_ids, local_chunks
-
-
-def by_chunk(gathered, P: int, layout: str) -> list:
-    """Per-rank gathered entries [P, chunks per rank, ...] reordered as the global chunk list."""
-    out = [None] * (P * gathered.shape[1])
-    for p in range(P):
-        for i, c in enumerate(chunk_ids(P, p, layout)):
-            out[c] = gathered[p, i]
-    return out
+from longtrain.parallel.sharding import by_chunk, chunk_ids, local_chunks
 
 
 class Lasp2(torch.autograd.Function):

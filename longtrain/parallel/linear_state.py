@@ -15,7 +15,7 @@ from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype, decay_shape, resets_from_segments
 from longtrain.parallel.comm import all_gather, group_size
-from longtrain.parallel.sharding import chunk_ids
+from longtrain.parallel.sharding import by_chunk, chunk_ids
 
 
 @dataclass
@@ -103,11 +103,7 @@ def document_gates(segment_ids: Tensor | None, group, layout: str = "contiguous"
     P = group_size(group)
     parts = segment_ids.chunk(len(chunk_ids(P, 0, layout)), 1)
     ends, _ = all_gather(torch.stack([torch.stack([p[:, 0], p[:, -1]], 1) for p in parts]), group, "linear_gates")
-    by_chunk = [None] * (P * len(parts))  # [B, 2] first/last document id of each global chunk
-    for p in range(P):
-        for i, c in enumerate(chunk_ids(P, p, layout)):
-            by_chunk[c] = ends[p, i]
-    ends = torch.stack(by_chunk)
+    ends = torch.stack(by_chunk(ends, P, layout))  # [C, B, 2] first/last document id of each global chunk
     gates = torch.zeros(ends.shape[0], ends.shape[1], dtype=torch.bool, device=ends.device)
     gates[1:] = ends[1:, :, 0] == ends[:-1, :, 1]
     return gates

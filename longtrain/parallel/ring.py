@@ -16,7 +16,7 @@ from torch import Tensor
 
 from longtrain.kernels.reference import acc_dtype, merge_partials, tile_is_masked
 from longtrain.parallel.comm import all_gather, group_rank, group_size, p2p, wait
-from longtrain.parallel.sharding import chunk_ids, local_chunks, num_chunks
+from longtrain.parallel.sharding import by_chunk, chunk_ids, local_chunks, num_chunks
 
 
 def chunk_stats(parts: list[Tensor]) -> Tensor:
@@ -45,11 +45,7 @@ def document_spans(seg: Tensor | None, group, layout: str) -> list | None:
     P = group_size(group)
     local = chunk_stats(list(seg.chunk(len(chunk_ids(P, 0, layout)), 1)))
     gathered, _ = all_gather(local.long(), group, "ring_docs")  # [P, chunks per rank, B, 3]
-    stats = [None] * (P * local.shape[0])
-    for p in range(P):
-        for i, c in enumerate(chunk_ids(P, p, layout)):
-            stats[c] = gathered[p, i]
-    return spans_of(torch.stack(stats))
+    return spans_of(torch.stack(by_chunk(gathered, P, layout)))
 
 
 def share_document(spans: list | None, q_chunk: int, k_chunk: int) -> bool:

@@ -26,6 +26,15 @@ def chunk_ids(P: int, rank: int, layout: str) -> list[int]:
     return [rank] if layout == "contiguous" else [rank, 2 * P - 1 - rank]
 
 
+def by_chunk(gathered: Tensor, P: int, layout: str) -> list[Tensor]:
+    """Entries gathered per rank [P, chunks per rank, ...] as a list in global chunk order."""
+    out = [None] * (P * gathered.shape[1])
+    for p in range(P):
+        for i, c in enumerate(chunk_ids(P, p, layout)):
+            out[c] = gathered[p, i]
+    return out
+
+
 def local_chunks(n_local: int, P: int, rank: int, layout: str) -> list[tuple[int, int, int]]:
     """(local_offset, global_start, length) of each chunk this rank holds, for n_local local tokens."""
     ids = chunk_ids(P, rank, layout)

@@ -130,7 +130,9 @@ class Trainer:
                         for t in (batch.tokens, batch.targets, batch.loss_mask, batch.segment_ids)))
         positions = local_positions(local.tokens.shape[1], group, layout, self.device)
         doc_gates = document_gates(local.segment_ids, group, layout) if self.has_linear_sp else None
-        doc_spans = sequence_spans(batch.segment_ids, self.mesh.sp_size, layout)  # every SP rank holds the full ids
+        doc_spans = None  # ring skips chunk pairs without a shared document; every SP rank holds the full ids
+        if self.cfg.parallel.softmax_sp == "ring":
+            doc_spans = sequence_spans(batch.segment_ids, self.mesh.sp_size, layout)
         return local, AttnContext(positions, N, local.segment_ids, self.sp, self.cfg.kernels.backend, doc_gates,
                                   doc_spans)
 
@@ -262,7 +264,7 @@ class Trainer:
         self.signal_received = True
 
     def fit(self) -> dict:
-        """Train to cfg.train.steps, then save; SIGINT/SIGTERM/SIGUSR1 stop at the next micro-step and save."""
+        """Train to cfg.train.steps, then save; SIGINT/SIGTERM/SIGUSR1/SIGHUP stop at the next micro-step and save."""
         t = self.cfg.train
         previous = {sig: signal.signal(sig, self.request_stop) for sig in STOP_SIGNALS}
         last = {}
