@@ -123,6 +123,50 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, os.path.abspath(script), *args.args])
 
 
+def cmd_plan(args) -> int:
+    from longtrain.plan.cost import Mask
+    from longtrain.plan.hardware import load_profile
+    from longtrain.plan.planner import distinct, parse_tokens, print_plans, search, shortfall, write_plan
+    cfg = load_config(args.config, args.overrides)
+    seq = parse_tokens(args.seq) if args.seq else cfg.data.seq_len
+    batch = args.batch or max(1, 2 ** 22 // seq)
+    try:
+        hw = load_profile(args.profile)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    mask = Mask("documents", doc_lengths=[args.doc_len] * (seq // args.doc_len)) if args.doc_len else None
+    plans = search(cfg, hw, args.gpus, seq, batch, mask)
+    title = (f"{args.config}: {seq:,} tokens x {batch} sequences per step on {args.gpus} GPUs ({hw.name}); "
+             f"memory limit {plans[0].limit / 2 ** 30:.0f} GB per GPU")
+    fitting = [p for p in plans if p.fits]
+    print_plans(distinct(fitting or plans), args.top, title)
+    if not fitting:
+        print(shortfall(plans))
+        return 1
+    if args.write:
+        write_plan(cfg, fitting[0], args.write, shlex.join(["longtrain", "plan", *sys.argv[2:]]))
+        run = (f"longtrain launch --nproc {args.gpus} {args.write}" if args.gpus <= hw.gpus_per_node else
+               f"longtrain slurm --nodes {args.gpus // hw.gpus_per_node} --gpus-per-node {hw.gpus_per_node} "
+               f"{args.write}")
+        print(f"wrote {args.write}: run it with `{run}`")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from omegaconf import OmegaConf
+    from longtrain.plan.calibrate import calibrate, default_lengths
+    from longtrain.plan.hardware import to_dict
+    import torch
+    lengths = args.lengths or default_lengths(torch.cuda.is_available())
+    hw = calibrate(args.nproc, args.base, args.name, lengths, max(lengths))
+    if os.environ.get("RANK", "0") == "0":
+        with open(args.out, "w") as f:
+            f.write(f"# Measured by `longtrain calibrate` on {time.strftime('%Y-%m-%d')}; base {args.base}\n")
+            f.write(OmegaConf.to_yaml(to_dict(hw)))
+        print(f"wrote {args.out}: use it with `longtrain plan CONFIG --profile {args.out}`")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from longtrain.trainer.data import prepare
     stream = prepare(args.input, args.output, args.tokenizer, args.eos_id)
@@ -170,6 +214,25 @@ def parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG of loss, eval accuracy, tokens/s and memory vs step of a run")
     plot.add_argument("run_dir")
     plot.set_defaults(fn=cmd_plot)
+    plan = sub.add_parser("plan", help="the fastest parallel plans that fit, from the cost model")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--seq", default=None, help="tokens per sequence, e.g. 32K or 1M (default: data.seq_len)")
+    plan.add_argument("--batch", type=int, default=None,
+                      help="sequences per optimizer step (default: 4M tokens' worth, at least 1)")
+    plan.add_argument("--profile", default="h100-nvlink-ib", help="a shipped profile name or a calibrated YAML")
+    plan.add_argument("--doc-len", type=int, default=None, help="packed documents of this many tokens")
+    plan.add_argument("--top", type=int, default=8)
+    plan.add_argument("--write", default=None, help="write the best plan as a config file")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.set_defaults(fn=cmd_plan)
+    calib = sub.add_parser("calibrate", help="measure FLOP/s and collectives into a hardware profile")
+    calib.add_argument("--nproc", type=int, default=2, help="local processes (ignored under torchrun)")
+    calib.add_argument("--base", default="h100-nvlink-ib", help="profile whose unmeasured figures are kept")
+    calib.add_argument("--name", default="calibrated")
+    calib.add_argument("--lengths", type=int, nargs="*", default=None, help="attention lengths to time")
+    calib.add_argument("--out", default="calibrated.yaml")
+    calib.set_defaults(fn=cmd_calibrate)
     prep = sub.add_parser("prepare", help="tokenize text files into a .bin token stream")
     prep.add_argument("input")
     prep.add_argument("output")

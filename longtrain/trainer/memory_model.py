@@ -8,6 +8,7 @@ saved-tensor hooks); the Triton kernels keep less inside the linear mixers (no d
 import math
 
 import torch
+from omegaconf import OmegaConf
 
 from longtrain.attention import LINEAR_FAMILY
 from longtrain.config import Config, ModelConfig, layer_mixers
@@ -61,10 +62,16 @@ def loss_bytes(tokens: int, d: int, vocab: int, chunk: int, elem: int = 4) -> fl
     return elem * 3 * tokens * vocab
 
 
+PARAMS: dict[str, int] = {}
+
+
 def num_params(cfg: ModelConfig) -> int:
-    """Parameter count of longtrain.trainer.model.LM (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in LM(cfg).parameters())
+    """Parameter count of longtrain.trainer.model.LM (built on the meta device: no memory; once per model)."""
+    key = OmegaConf.to_yaml(cfg) if OmegaConf.is_config(cfg) else repr(cfg)
+    if key not in PARAMS:
+        with torch.device("meta"):
+            PARAMS[key] = sum(p.numel() for p in LM(cfg).parameters())
+    return PARAMS[key]
 
 
 def step_memory(cfg: Config, world: int, elem: int = 4, gpu: bool = False) -> dict[str, float]:

@@ -1,0 +1,161 @@
+"""`longtrain calibrate`: measure what this machine achieves and write it as a hardware profile.
+
+Every rank runs the same measurements at once (as in training, ranks share the node): GEMM FLOP/s, the
+attention kernels' forward and backward FLOP/s per sequence length, chunked linear attention FLOP/s, and for
+each collective of parallel/comm.py (so an emulated link, comm.set_link, is measured too) the median time per
+message size, fitted to t = alpha + bytes / beta per hop (hardware.py's model). Under torchrun the ranks are
+the launched ones (NCCL on GPUs); otherwise `--nproc` local gloo processes. The measured level (`intra` when
+all ranks share a node, else `inter`) replaces the base profile's; the rest of the base profile stays.
+"""
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from longtrain.kernels import get_backend
+from longtrain.parallel import comm
+from longtrain.plan.hardware import Hardware, Link, load_profile
+
+SIZES = [2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22]  # message bytes for the collectives
+
+
+def timed(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of fn() after one warm-up, all ranks starting together."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 4096 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device)
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large copy (read + write)."""
+    src = torch.empty(2 ** 26 if device.type == "cuda" else 2 ** 24, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device)
+
+
+def attention_flops(device: torch.device, dtype: torch.dtype, lengths: list[int], heads: int = 4, dim: int = 64
+                    ) -> tuple[dict[int, float], dict[int, float]]:
+    """Forward and backward FLOP/s of the default kernels' causal attention at each length (B=1)."""
+    kernels = get_backend("auto")
+    fwd, bwd = {}, {}
+    for n in lengths:
+        q, k, v, dout = (torch.randn(1, heads, n, dim, device=device, dtype=dtype) for _ in range(4))
+        opts = dict(scale=dim ** -0.5, causal=True)
+        out, lse = kernels.attention_forward(q, k, v, **opts)
+        flops = 4 * dim * heads * n * (n + 1) / 2
+        fwd[n] = flops / timed(lambda: kernels.attention_forward(q, k, v, **opts), device)
+        bwd[n] = 2.5 * flops / timed(lambda: kernels.attention_backward(dout, q, k, v, out, lse, **opts), device)
+    return fwd, bwd
+
+
+def linear_flops(device: torch.device, dtype: torch.dtype, n: int, heads: int = 4, dim: int = 64,
+                 chunk: int = 64) -> float:
+    """FLOP/s of chunked gated linear attention forward + backward (cost.linear_compute's count)."""
+    kernels = get_backend("auto")
+    q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(1, heads, n, dim, device=device) * 0.1).requires_grad_()
+
+    def step():
+        out, _ = kernels.linear_attention_chunked(q, k, v, scale=dim ** -0.5, log_decay=g, chunk_size=chunk)
+        out.sum().backward()
+
+    flops = 3 * heads * n * (4 * chunk * dim + 4 * dim * dim)
+    return flops / timed(step, device)
+
+
+def fit(points: list[tuple[float, float]]) -> Link:
+    """Least-squares latency and bandwidth of t = alpha + x / beta over (x bytes, t seconds) points."""
+    xs, ts = [x for x, _ in points], [t for _, t in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    slope = sum((x - mx) * (t - mt) for x, t in points) / sum((x - mx) ** 2 for x in xs)
+    slope = max(slope, 1e-15)
+    return Link(max(mt - slope * mx, 0.0), 1 / slope)
+
+
+def collective_links(device: torch.device) -> dict[str, Link]:
+    """Per-hop Link of each collective kind over the world group (needs >= 2 ranks)."""
+    group, P, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    points = {kind: [] for kind in ("p2p", "all_gather", "reduce_scatter", "all_to_all")}
+    for size in SIZES:
+        shard = torch.zeros(size // 4, device=device)
+        stacked = torch.zeros(P, size // 4, device=device)
+        recv_buf = torch.empty_like(shard)
+        t = timed(lambda: comm.wait(comm.p2p([(shard, (r + 1) % P)], [(recv_buf, (r - 1) % P)], group, "calib")),
+                  device)
+        points["p2p"].append((size, t))
+        points["all_gather"].append((size, timed(lambda: comm.all_gather(shard, group, "calib"), device) / (P - 1)))
+        points["reduce_scatter"].append((size, timed(lambda: comm.reduce_scatter(stacked.clone(), group, "calib"),
+                                                     device) / (P - 1)))
+        points["all_to_all"].append(((P - 1) * size, timed(lambda: comm.all_to_all(stacked, group, "calib"), device)))
+    return {kind: fit(p) for kind, p in points.items()}
+
+
+def measure(rank: int, world: int, lengths: list[int], linear_n: int) -> dict:
+    """Everything this rank measures, as plain numbers."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fwd, bwd = attention_flops(device, dtype, lengths)
+    out = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
+           "linear": linear_flops(device, dtype, linear_n), "memory_bandwidth": memory_bandwidth(device),
+           "memory": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
+           os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / world}
+    if world > 1:
+        out["links"] = {k: (v.latency, v.bandwidth) for k, v in collective_links(device).items()}
+    return out
+
+
+def to_profile(measured: dict, base: Hardware, world: int, same_node: bool, name: str) -> Hardware:
+    """The base profile with the measured figures in place of its own."""
+    hw = Hardware(**{**base.__dict__})
+    hw.name, hw.matmul_flops, hw.linear_flops = name, measured["matmul"], measured["linear"]
+    hw.attention_fwd, hw.attention_bwd = measured["attention_fwd"], measured["attention_bwd"]
+    hw.memory, hw.memory_bandwidth = measured["memory"], measured["memory_bandwidth"]
+    if "links" in measured:
+        links = {k: Link(*v) for k, v in measured["links"].items()}
+        if same_node:
+            hw.intra, hw.gpus_per_node = links, max(base.gpus_per_node, world)
+        else:
+            hw.inter = links
+    return hw
+
+
+def calibrate(nproc: int, base: str, name: str, lengths: list[int], linear_n: int) -> Hardware:
+    """Measure on the torchrun ranks (when launched so) or on nproc local gloo processes; rank 0's figures."""
+    if "RANK" in os.environ:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        world = dist.get_world_size()
+        measured = measure(dist.get_rank(), world, lengths, linear_n)
+        same_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    elif nproc > 1:
+        from longtrain.parallel.spawn import run_distributed
+        measured, world, same_node = run_distributed(measure, nproc, lengths, linear_n)[0], nproc, True
+    else:
+        measured, world, same_node = measure(0, 1, lengths, linear_n), 1, True
+    return to_profile(measured, load_profile(base), world, same_node, name)
+
+
+def default_lengths(device_is_cuda: bool) -> list[int]:
+    top = 16384 if device_is_cuda else 2048
+    return [2 ** e for e in range(int(math.log2(top)) - 3, int(math.log2(top)) + 1, 1)]

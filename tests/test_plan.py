@@ -1,0 +1,212 @@
+"""The cost model against hand-computed cases and against the bytes gloo runs count; the planner and calibration."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from longtrain.config import load_config
+from longtrain.parallel import comm, sequence_spans, shard_sequence, sp_linear_attention, sp_softmax_attention
+from longtrain.parallel.spawn import run_distributed
+from longtrain.plan.calibrate import fit
+from longtrain.plan.cost import Mask, OpShape, linear_op_cost, scan_time, softmax_op_cost, step_cost
+from longtrain.plan.hardware import Hardware, Link, from_dict, load_profile, to_dict
+from longtrain.plan.planner import parse_tokens, search, shortfall, write_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("p2p", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def slow_link_hardware(latency: float = 1.0, bandwidth: float = 64.0, flops: float = 1e30, gpus_per_node: int = 8,
+                       memory: float = 2 ** 40) -> Hardware:
+    """Compute for free and every message alpha + bytes / beta: times are the communication alone."""
+    link = {k: Link(latency, bandwidth) for k in KINDS}
+    return Hardware("test", gpus_per_node, memory, flops, flops, {1: flops}, {1: flops}, flops, flops, link,
+                    {k: Link(10 * latency, bandwidth / 10) for k in KINDS})
+
+
+def test_mask_pairs_by_hand():
+    assert Mask().pairs(4) == 10  # 1 + 2 + 3 + 4
+    assert Mask("window", window=2).pairs(5) == 9  # 1 + 2 + 2 + 2 + 2
+    assert Mask("documents", doc_lengths=[2, 3]).pairs(5) == 3 + 6
+
+
+def test_parse_tokens():
+    assert parse_tokens("1M") == 2 ** 20 and parse_tokens("32k") == 32768 and parse_tokens("4096") == 4096
+    with pytest.raises(ValueError, match="'1Q'"):
+        parse_tokens("1Q")
+
+
+def test_ring_times_and_bytes_by_hand():
+    hw = slow_link_hardware()
+    shape = OpShape(batch=1, seq=8, heads=1, kv_heads=1, head_dim=2, elem=4)
+    cost = softmax_op_cost("ring", shape, 2, hw, Mask(), "zigzag")
+    kv_shard = 2 * 4 * 2 * 4  # K and V of 4 local tokens, D=2, fp32: 64 bytes, one hop of 1 + 64/64 s
+    assert cost.fwd_bytes == kv_shard and cost.fwd_s == pytest.approx(2.0)
+    assert cost.bwd_bytes == kv_shard + 2 * kv_shard  # K/V once more, dK/dV (fp32) twice: to the peer and home
+    assert cost.bwd_s == pytest.approx((2.0 + 2.0) + 2.0)  # the step's K/V and dK/dV hops, then the last dK/dV
+
+
+def test_allgather_and_ulysses_bytes_by_hand():
+    hw = slow_link_hardware()
+    shape = OpShape(batch=2, seq=16, heads=4, kv_heads=2, head_dim=8, elem=2)
+    P, n = 4, 4
+    ag = softmax_op_cost("allgather", shape, P, hw)
+    assert ag.fwd_bytes == (P - 1) * 2 * 2 * 2 * n * 8 * 2
+    assert ag.bwd_bytes == ag.fwd_bytes + (P - 1) * 2 * 2 * 2 * n * 8 * 4  # re-gather + fp32 reduce-scatter
+    uly = softmax_op_cost("ulysses", shape, P, hw)
+    assert uly.fwd_bytes == pytest.approx((P - 1) / P * 2 * n * 8 * (4 + 2 + 2 + 4) * 2)
+
+
+def test_scan_pipelines_blocks():
+    hw = slow_link_hardware(latency=0.5, bandwidth=1.0)
+    shape = OpShape(batch=1, seq=64, heads=1, kv_heads=1, head_dim=2, elem=4)  # state 2 x 2 fp32: 16 bytes
+    lasp1 = linear_op_cost("lasp1", shape, 4, hw, "contiguous")
+    zeco = linear_op_cost("zeco", shape, 4, hw, "contiguous", zeco_blocks=2)
+    assert lasp1.fwd_comm_s == pytest.approx(3 * (0.5 + 16))  # three serial hops of the whole state
+    assert zeco.fwd_comm_s == pytest.approx((3 + 1) * (0.5 + 8))  # (hops + K - 1) half-state hops
+    assert scan_time([Link(0, 1), Link(0, 4)], 8, 2) == pytest.approx(4 + 1 + 4)  # the slowest hop paces the rest
+    zig = linear_op_cost("lasp1", shape, 4, hw, "zigzag")
+    assert zig.fwd_bytes == 2 * lasp1.fwd_bytes  # 0..P-1 and back: 2(P-1) hops
+
+
+def test_chain_crosses_nodes_only_at_boundaries():
+    hw = slow_link_hardware(latency=1.0, bandwidth=1e30, gpus_per_node=2)  # inter-node latency 10
+    shape = OpShape(batch=1, seq=64, heads=1, kv_heads=1, head_dim=2)
+    assert linear_op_cost("lasp1", shape, 4, hw, "contiguous").fwd_comm_s == pytest.approx(1 + 10 + 1)
+
+
+def test_profiles_load_and_round_trip():
+    for name in ("h100-nvlink-ib", "a100-nvlink-ib"):
+        hw = load_profile(name)
+        assert hw.gpus_per_node == 8 and hw.intra["all_gather"].bandwidth > hw.inter["all_gather"].bandwidth
+        again = from_dict(to_dict(hw))
+        assert again.intra["p2p"].latency == pytest.approx(hw.intra["p2p"].latency)
+        assert again.attention_flops(8192, True) == pytest.approx(hw.attention_flops(8192, True), rel=1e-3)
+    with pytest.raises(ValueError, match="'nope'"):
+        load_profile("nope")
+    raw = to_dict(load_profile("h100-nvlink-ib"))
+    del raw["linear_tflops"]
+    with pytest.raises(ValueError, match="linear_tflops"):
+        from_dict(raw)
+
+
+def test_fit_recovers_latency_and_bandwidth():
+    link = fit([(x, 3e-6 + x / 2e9) for x in (1e3, 1e5, 1e6, 1e7)])
+    assert link.latency == pytest.approx(3e-6) and link.bandwidth == pytest.approx(2e9)
+
+
+def measured_bytes(rank, world):
+    """Mean bytes sent per rank, forward and backward, for each algorithm: counted by parallel/comm.py."""
+    torch.manual_seed(0)
+    B, H, N, D = 1, 4, 32, 8
+    group = dist.group.WORLD
+    out = {}
+    cases = [("softmax", a, layout, 2 if a == "usp" else 1, docs) for a in ("ring", "allgather", "ulysses", "usp")
+             for layout in ("contiguous", "zigzag") for docs in (False, True)]
+    cases += [("linear", a, layout, 1, False) for a in ("lasp1", "lasp2", "zeco", "ulysses")
+              for layout in ("contiguous", "zigzag")]
+    for family, algorithm, layout, U, docs in cases:
+        q, k, v, dout = (torch.randn(B, H, N, D) for _ in range(4))
+        g = -torch.rand(B, H, N, D)
+        seg = torch.repeat_interleave(torch.arange(4), N // 4)[None] if docs else None
+        local = [shard_sequence(t, 2, group, layout).requires_grad_() for t in (q, k, v, g)]
+        seg_local = None if seg is None else shard_sequence(seg, 1, group, layout)
+        comm.reset_counters()
+        if family == "softmax":
+            spans = sequence_spans(seg, world, layout) if algorithm == "ring" else None
+            o, _ = sp_softmax_attention(*local[:3], group=group, algorithm=algorithm, layout=layout,
+                                        segment_ids=seg_local, ulysses_size=U, doc_spans=spans, return_lse=False)
+        else:
+            o = sp_linear_attention(*local[:3], group=group, algorithm=algorithm, log_decay=local[3], layout=layout,
+                                    zeco_blocks=2)
+        fwd = sum(comm.BYTES_SENT.values())
+        o.backward(shard_sequence(dout, 2, group, layout))
+        bwd = sum(comm.BYTES_SENT.values()) - fwd
+        totals = torch.tensor([fwd, bwd], dtype=torch.float64)
+        dist.all_reduce(totals)
+        out[(family, algorithm, layout, U, docs)] = (totals / world).tolist()
+    return out
+
+
+@pytest.mark.slow
+def test_predicted_bytes_equal_counted_bytes():
+    """Every algorithm's predicted bytes per rank equal what the comm accounting counts in a real gloo run."""
+    P = 4
+    measured = run_distributed(measured_bytes, P)[0]
+    hw = load_profile("h100-nvlink-ib")
+    for (family, algorithm, layout, U, docs), (fwd, bwd) in measured.items():
+        shape = OpShape(batch=1, seq=32, heads=4, kv_heads=4, head_dim=8, elem=4)
+        if family == "softmax":
+            mask = Mask("documents", doc_lengths=[8] * 4) if docs else Mask()
+            cost = softmax_op_cost(algorithm, shape, P, hw, mask, layout, U)
+        else:
+            cost = linear_op_cost(algorithm, shape, P, hw, layout, zeco_blocks=2)
+        case = f"{family} {algorithm} {layout} U={U} documents={docs}"
+        assert cost.fwd_bytes == pytest.approx(fwd), case
+        assert cost.bwd_bytes == pytest.approx(bwd), case
+
+
+def test_step_cost_counts_recompute_and_accumulation():
+    hw = load_profile("h100-nvlink-ib")
+    base = ["parallel.sp_size=4", "data.seq_len=4096", "model.d_model=256", "model.n_layers=4"]
+    plain = step_cost(load_config(None, base), hw, 8)
+    ckpt = step_cost(load_config(None, base + ["model.activation_checkpointing=true"]), hw, 8)
+    accum = step_cost(load_config(None, base + ["train.grad_accum=2"]), hw, 8)
+    assert ckpt.breakdown["recompute"] == pytest.approx(plain.breakdown["forward"])
+    assert ckpt.memory["activations"] < plain.memory["activations"]
+    assert accum.step_s == pytest.approx(2 * plain.step_s - plain.breakdown["optimizer"], rel=1e-6)
+    assert accum.tokens_per_s == pytest.approx(plain.tokens_per_s, rel=0.01)
+
+
+def test_planner_respects_the_memory_limit_and_says_what_runs_out():
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+    roomy = search(cfg, load_profile("h100-nvlink-ib"), 4, 2048, 2)
+    fitting = [p for p in roomy if p.fits]
+    assert fitting and all(p.cost.memory["total"] <= p.limit for p in fitting)
+    assert [p.cost.step_s for p in fitting] == sorted(p.cost.step_s for p in fitting)
+    smallest = min(p.cost.memory["total"] for p in roomy)
+    tight = search(cfg, slow_link_hardware(memory=smallest * 0.5), 4, 2048, 2)
+    assert not any(p.fits for p in tight)
+    message = shortfall(tight)
+    assert "memory runs out first" in message and f"{smallest / 2 ** 30:.1f} GB" in message
+
+
+@pytest.mark.slow
+def test_plan_cli_answers_for_1b_hybrid_at_1m_on_64_gpus(tmp_path):
+    out = tmp_path / "plan.yaml"
+    run = subprocess.run([sys.executable, "-m", "longtrain", "plan", os.path.join(ROOT, "configs", "hybrid_1b.yaml"),
+                          "--gpus", "64", "--seq", "1M", "--write", str(out)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "64" in run.stdout and "tok/s" in run.stdout
+    planned = load_config(str(out))
+    assert planned.data.seq_len == 2 ** 20 and 64 % planned.parallel.sp_size == 0
+
+
+@pytest.mark.slow
+def test_written_plan_trains(tmp_path):
+    """A plan for 2 CPU ranks is a config `longtrain launch` accepts and runs."""
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"))
+    plans = [p for p in search(cfg, load_profile("h100-nvlink-ib"), 2, 256, 2) if p.fits]
+    path = tmp_path / "plan.yaml"
+    write_plan(cfg, plans[0], str(path), "test")
+    run = subprocess.run([sys.executable, "-m", "longtrain", "launch", "--nproc", "2", str(path), "train.steps=2",
+                          "train.eval_every=0", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled",
+                          "run.progress=false", "train.device=cpu"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "cpu.yaml"
+    run = subprocess.run([sys.executable, "-m", "longtrain", "calibrate", "--nproc", "2", "--lengths", "128", "256",
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hw = load_profile(str(out))
+    assert hw.matmul_flops > 0 and hw.attention_flops(200, False) > 0 and hw.linear_flops > 0
+    assert all(link.bandwidth > 0 for link in hw.intra.values())
