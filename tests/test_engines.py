@@ -1,5 +1,6 @@
 """dp x sp layouts under FSDP2, DDP and DeepSpeed ZeRO, built by parallelize with chunked loss, checkpointing and
-offload, train exactly like one plain process (full logits, no recompute) on the same global batch."""
+offload, train exactly like one plain process (full logits, no recompute) on the same global batch; each engine's
+checkpoints resume exactly."""
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from longtrain.config import load_config
 from longtrain.parallel.spawn import run_distributed
+from longtrain.trainer.checkpoint import damage
 from longtrain.trainer.train import Trainer
 
 pytestmark = pytest.mark.slow
@@ -21,25 +23,33 @@ BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.patter
 MEMORY = {"fsdp": (True, "block", False), "ddp": (True, "mixer", True), "deepspeed": (True, "mixer", False)}
 
 
-def run(run_dir, engine, sp, dp, zero_stage=2, plain=False):
-    """Losses per step and the final full parameters of a short training run; plain: today's full-logits loss."""
+def config(run_dir, engine, sp, dp, zero_stage=2, plain=False, *extra):
+    """The test model under `engine` at dp x sp; plain: today's full-logits loss, no recompute or offload."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ac, mode, offload = (False, "block", False) if plain else MEMORY[engine]
     memory = [f"model.loss_chunk={0 if plain else 8}", f"model.activation_checkpointing={ac}",
               f"model.checkpoint_mode={mode}", f"train.offload_activations={offload}"]
-    cfg = load_config(None, BASE + memory + [f"run.dir={run_dir}", f"train.engine={engine}", f"parallel.sp_size={sp}",
-                                             f"data.batch_size={MICRO * 2 // dp}", f"train.zero_stage={zero_stage}"])
-    trainer = Trainer(cfg)
-    losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    return load_config(None, BASE + memory + [f"run.dir={run_dir}", f"train.engine={engine}", f"parallel.sp_size={sp}",
+                                              f"data.batch_size={MICRO * 2 // dp}", f"train.zero_stage={zero_stage}",
+                                              *extra])
+
+
+def full_params(trainer) -> dict:
+    """Every parameter in full, by name: ZeRO-3 partitions and FSDP2 DTensor shards gathered."""
     module = trainer.lm
-    if engine == "deepspeed" and zero_stage == 3:
+    if trainer.cfg.train.engine == "deepspeed" and trainer.cfg.train.zero_stage == 3:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            params = {n: p.detach().clone().numpy() for n, p in module.named_parameters()}
-    else:  # FSDP2 parameters are DTensor shards: gather them
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().numpy()
-                  for n, p in module.named_parameters()}
-    return losses, params
+            return {n: p.detach().clone().numpy() for n, p in module.named_parameters()}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().numpy()
+            for n, p in module.named_parameters()}
+
+
+def run(run_dir, engine, sp, dp, zero_stage=2, plain=False):
+    """Losses per step and the final full parameters of a short training run."""
+    trainer = Trainer(config(run_dir, engine, sp, dp, zero_stage, plain))
+    losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    return losses, full_params(trainer)
 
 
 ENGINES = [("fsdp", 2), ("ddp", 2), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
@@ -93,3 +103,36 @@ def test_fsdp_bf16_gathers_bf16_parameters(tmp_path):
     (loss, dtype, stored), _ = run_distributed(bf16_run, 2, str(tmp_path))
     assert (ref_dtype, dtype, stored) == ("torch.float32", "torch.bfloat16", "torch.float32")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)
+
+
+def save_and_resume(rank, world, tmp):
+    """Per engine: a step, a save through the engine, two more steps; then a fresh Trainer loads that save through
+    the engine and takes the same two steps."""
+    results = {}
+    for engine, stage in ENGINES:
+        run_dir = f"{tmp}/{engine}{stage}"
+        trainer = Trainer(config(run_dir, engine, 1, world, stage))
+        trainer.train_step()
+        trainer.save()
+        saved = full_params(trainer)
+        losses = [trainer.train_step()["loss"] for _ in range(STEPS - 1)]
+        resumed = Trainer(config(run_dir, engine, 1, world, stage, False, "run.resume=true"))
+        step, restored = resumed.step, full_params(resumed)
+        resumed_losses = [resumed.train_step()["loss"] for _ in range(STEPS - 1)]
+        results[(engine, stage)] = (trainer.saved_path, step, saved, restored, losses, resumed_losses,
+                                    full_params(trainer), full_params(resumed))
+    return results
+
+
+def test_each_engine_resumes_its_checkpoint_exactly(tmp_path):
+    """DCP (fsdp, ddp) and DeepSpeed's own format, both with a manifest: the loaded parameters are the saved ones,
+    and the resumed run's losses and parameters are those of the run that went on."""
+    results = run_distributed(save_and_resume, 2, str(tmp_path), timeout=600)[0]
+    for (engine, stage), (path, step, saved, restored, losses, resumed_losses, final, resumed_final) in results.items():
+        name = f"{engine}(zero {stage})"
+        assert damage(path) is None and step == 1, name
+        assert os.path.isdir(os.path.join(path, "ds")) == (engine == "deepspeed"), name
+        assert losses == resumed_losses, name
+        for key, value in saved.items():
+            np.testing.assert_array_equal(restored[key], value, err_msg=f"{name}: {key}")
+            np.testing.assert_array_equal(resumed_final[key], final[key], err_msg=f"{name}: {key}")

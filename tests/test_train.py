@@ -188,7 +188,7 @@ def sp_step_matches_single_device(trainer, batch, n_tokens: int, name: str) -> N
     loss, count, _ = trainer.forward_loss(batch)
     total = count.double().clone()
     torch.distributed.all_reduce(total)
-    trainer.backward(loss, total.item(), last_micro=True)
+    trainer.engine.backward(loss, total.item(), last_micro=True)
     summed = loss.detach().double().clone()
     torch.distributed.all_reduce(summed)
     torch.manual_seed(trainer.cfg.train.seed)

@@ -1,5 +1,5 @@
-"""parallelize(model, mesh, cfg, ...): activation checkpointing and offload on the blocks, then the data-parallel
-engine (FSDP2, DDP; DeepSpeed ZeRO wraps later through init_deepspeed), reducing over every dp x sp rank.
+"""parallelize(model, mesh, cfg, ...): activation checkpointing and offload on the blocks, then FSDP2 or DDP;
+build_engine puts the result and its optimizer (or DeepSpeed ZeRO's engine) behind the one Engine interface.
 
 SP ranks hold different tokens of the same sequences, so gradients must be summed over sp as well as
 dp: every engine reduces over the whole world (FSDP2 shards over all dp x sp ranks, as torchtitan does
@@ -10,22 +10,41 @@ import os
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import save_on_cpu
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from longtrain.parallel.mesh import Mesh
+from longtrain.trainer.engine import DDPEngine, DeepSpeedEngine, Engine, FSDPEngine
 
-ENGINES = ("fsdp", "ddp", "deepspeed")
+
+def build_engine(lm: nn.Module, mesh: Mesh, cfg, device: torch.device, bf16: bool) -> Engine:
+    """parallelize the bare model `lm`, then the engine that drives it: DeepSpeed with its own AdamW, or FSDP2, DDP
+    or one process with torch's AdamW."""
+    model = parallelize(lm, mesh, cfg, device, bf16)
+    world, t = mesh.dp_size * mesh.sp_size, cfg.train
+    groups = param_groups(lm, t.weight_decay)
+    if t.engine == "deepspeed":
+        return DeepSpeedEngine(init_deepspeed(lm, groups, cfg, bf16, device), world, t.grad_accum)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+    if isinstance(model, FSDPModule):
+        return FSDPEngine(model, lm, optimizer, world, t.grad_clip)
+    return DDPEngine(model, lm, optimizer, world, t.grad_clip)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, norms and biases do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def parallelize(model: nn.Module, mesh: Mesh, cfg, device: torch.device, bf16: bool) -> nn.Module:
     """Checkpointing (model.activation_checkpointing, model.checkpoint_mode), offload (train.offload_activations),
-    then FSDP2 or DDP over all dp x sp ranks; DeepSpeed's engine is built afterwards by init_deepspeed."""
+    then FSDP2 or DDP over all dp x sp ranks; DeepSpeed's engine is built afterwards by build_engine."""
     if cfg.model.activation_checkpointing:
         apply_checkpointing(model, cfg.model.checkpoint_mode)
     if cfg.train.offload_activations and not (cfg.model.activation_checkpointing and
@@ -34,7 +53,7 @@ def parallelize(model: nn.Module, mesh: Mesh, cfg, device: torch.device, bf16: b
     if mesh.dp_size * mesh.sp_size == 1 or cfg.train.engine == "deepspeed":
         return model
     if cfg.train.engine == "fsdp":
-        return wrap_fsdp(model, device.type, bf16)
+        return wrap_fsdp(model, mesh.device_mesh._flatten("dp_sp"), bf16)  # one dim over all dp x sp ranks
     return wrap_ddp(model, device)
 
 
@@ -64,9 +83,8 @@ def leave_offload(module: nn.Module, args, output) -> None:
     module.offload_ctx.__exit__(None, None, None)
 
 
-def wrap_fsdp(model: nn.Module, device_type: str, bf16: bool) -> nn.Module:
-    """fully_shard each block, then the root, over a 1-D mesh of all ranks; bf16 gathers and fp32 reduces with bf16."""
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp_sp",))
+def wrap_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool) -> nn.Module:
+    """fully_shard each block, then the root, over the 1-D mesh; bf16 gathers and fp32 reduces with bf16."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     for block in model.blocks:
@@ -75,6 +93,7 @@ def wrap_fsdp(model: nn.Module, device_type: str, bf16: bool) -> nn.Module:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the default group (all ranks)."""
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -93,11 +112,11 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
     }
 
 
-def init_deepspeed(model: nn.Module, param_groups: list, cfg, bf16: bool, device: torch.device):
+def init_deepspeed(model: nn.Module, groups: list[dict], cfg, bf16: bool, device: torch.device):
     """deepspeed.initialize over the existing process group; returns the DeepSpeed engine."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            config=deepspeed_config(cfg, bf16), dist_init_required=False)
     return engine

@@ -16,12 +16,11 @@ from longtrain.parallel import (STATE_PASSING_SP, SPContext, comm, document_gate
                                 pad_sequence, shard_sequence)
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
-from longtrain.trainer.checkpoint import (load_checkpoint, load_deepspeed_checkpoint, resume_path, save_checkpoint,
-                                         save_deepspeed_checkpoint)
+from longtrain.trainer.checkpoint import resume_path
 from longtrain.trainer.data import Batch, DataLoader
 from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_bytes
 from longtrain.trainer.model import LM
-from longtrain.trainer.parallelize import init_deepspeed, parallelize
+from longtrain.trainer.parallelize import build_engine
 from longtrain.trainer.plot import plot_run
 
 
@@ -74,17 +73,8 @@ class Trainer:
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         torch.manual_seed(cfg.train.seed)
-        self.lm = LM(cfg.model).to(self.device)  # the bare model: parameters, FLOPs, checkpoints
-        self.engine = cfg.train.engine
-        self.model = parallelize(self.lm, self.mesh, cfg, self.device, bf16)
-        self.optimizer, self.ds = None, None
-        if self.engine == "deepspeed":
-            self.ds = init_deepspeed(self.lm, self.param_groups(), cfg, bf16, self.device)
-            self.model = self.ds
-        else:
-            t = cfg.train
-            self.optimizer = torch.optim.AdamW(self.param_groups(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                               fused=self.device.type == "cuda")
+        self.lm = LM(cfg.model).to(self.device)  # the bare model: parameters, FLOPs
+        self.engine = build_engine(self.lm, self.mesh, cfg, self.device, bf16)  # forward, backward, step, save, load
         self.loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "train")
         self.eval_loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "eval")
         self.step = 0
@@ -104,12 +94,6 @@ class Trainer:
             self.resume()
         self.metrics = MetricsLogger(cfg.run.dir, self.rank0, OmegaConf.to_container(cfg), cfg.wandb, run_name(cfg),
                                      cfg.train.steps, cfg.run.progress)
-
-    def param_groups(self) -> list[dict]:
-        """AdamW groups: matrices decay, norms and biases do not."""
-        params = [p for p in self.lm.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.train.weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def shard(self, batch: Batch) -> tuple[Batch, AttnContext]:
         """This SP rank's tokens of the batch and the attention context that goes with them."""
@@ -139,40 +123,9 @@ class Trainer:
     def forward_loss(self, batch: Batch, accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
         local, ctx = self.shard(batch.to(self.device))
-        with self.autocast:
-            loss_sum, correct = self.model(local.tokens, ctx, local.targets, local.loss_mask)  # chunked head + loss
+        with self.autocast:  # the model's chunked head returns the loss, never the full logits
+            loss_sum, correct = self.engine.model(local.tokens, ctx, local.targets, local.loss_mask)
         return loss_sum, local.loss_mask.sum(), correct if accuracy else torch.zeros((), device=self.device)
-
-    def backward(self, loss_sum: torch.Tensor, total_tokens: float, last_micro: bool) -> None:
-        """Backward of this micro-batch's share of the global mean loss.
-
-        Every engine averages gradients over all dp x sp ranks, so the loss is scaled by the world size:
-        the average then equals the exact gradient of the global token-mean loss.
-        """
-        loss = loss_sum * (self.world / total_tokens)
-        if self.ds is not None:
-            self.ds.backward(loss * self.cfg.train.grad_accum)  # DeepSpeed divides by its accumulation steps
-            return
-        if self.world > 1 and self.engine == "fsdp":
-            self.model.set_requires_gradient_sync(last_micro)
-        sync = nullcontext() if last_micro or self.world == 1 or self.engine != "ddp" else self.model.no_sync()
-        with sync:
-            loss.backward()
-
-    def optimizer_step(self, lr: float) -> float:
-        """Clip, set the learning rate, step, zero the gradients; returns the pre-clip gradient norm."""
-        optimizer = self.ds.optimizer if self.ds is not None else self.optimizer
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if self.ds is not None:
-            self.ds.step()
-            return float(self.ds.get_global_grad_norm() or 0.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), self.cfg.train.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
 
     def stop_agreed(self) -> bool:
         """True on every rank once any rank has received a stop signal (one tiny all-reduce)."""
@@ -192,20 +145,17 @@ class Trainer:
         total_tokens, self.stop_requested = max(agreed[0].item(), 1.0), agreed[1].item() > 0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
-            if i and self.ds is None:  # DeepSpeed counts micro-steps itself: it stops at step boundaries only
+            if i and self.engine.can_drop_partial_step:  # else it stops at step boundaries only
                 self.stop_requested = self.stop_agreed()
             if self.stop_requested:  # drop the partial step: the checkpoint holds the last whole one
-                if self.optimizer is not None:
-                    self.optimizer.zero_grad(set_to_none=True)
+                self.engine.zero_grad()
                 self.loader.load_state_dict({"position": start})
                 return {}
             loss, _, _ = self.forward_loss(batch)
-            self.backward(loss, total_tokens, last_micro=i == len(batches) - 1)
-            if self.ds is not None and i < len(batches) - 1:
-                self.ds.step()  # DeepSpeed counts micro-steps; it updates at the accumulation boundary
+            self.engine.backward(loss, total_tokens, last_micro=i == len(batches) - 1)
             loss_sum += loss.detach().double()
         lr = lr_at(self.step, self.cfg.train)
-        grad_norm = self.optimizer_step(lr)
+        grad_norm = self.engine.step(lr)
         loss = all_reduce_sum(loss_sum).item() / total_tokens
         self.step += 1
         dt = time.perf_counter() - t0
@@ -223,25 +173,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss and answer accuracy (on the loss-mask positions) over cfg.train.eval_batches fresh batches."""
-        self.model.eval()
+        self.engine.model.eval()
         self.eval_loader.load_state_dict({"position": 0})  # the same eval batches every time
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)
         for _ in range(self.cfg.train.eval_batches):
             loss, count, correct = self.forward_loss(self.eval_loader.next_batch(), accuracy=True)
             totals += torch.stack([loss.double(), count.double(), correct.double()])
         loss, count, correct = all_reduce_sum(totals).tolist()
-        self.model.train()
+        self.engine.model.train()
         return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
 
     def checkpoint_extra(self) -> dict:
         return {"step": self.step, "data_position": self.loader.position, "rng": torch.get_rng_state()}
 
     def save(self) -> None:
-        run_dir, keep, extra = self.cfg.run.dir, self.cfg.train.keep_last, self.checkpoint_extra()
-        if self.ds is not None:
-            self.saved_path = save_deepspeed_checkpoint(run_dir, self.step, self.ds, extra, keep, self.rank0)
-        else:
-            self.saved_path = save_checkpoint(run_dir, self.step, self.lm, self.optimizer, extra, keep, self.rank0)
+        self.saved_path = self.engine.save(self.cfg.run.dir, self.step, self.checkpoint_extra(),
+                                           self.cfg.train.keep_last, self.rank0)
         self.saved_step = self.step
 
     def resume(self) -> None:
@@ -249,10 +196,7 @@ class Trainer:
         path = resume_path(self.cfg.run.dir, self.cfg.run.resume == "strict", self.rank0)
         if path is None:
             return
-        if self.ds is not None:
-            extra = load_deepspeed_checkpoint(path, self.ds)
-        else:
-            extra = load_checkpoint(path, self.lm, self.optimizer, self.checkpoint_extra())
+        extra = self.engine.load(path, self.checkpoint_extra())
         self.step = int(extra["step"])
         self.loader.load_state_dict({"position": extra["data_position"]})
         torch.set_rng_state(extra["rng"])
