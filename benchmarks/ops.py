@@ -2,6 +2,7 @@
 
     python benchmarks/ops.py                                  # CPU, fp32, B=1, H=4, D=64 (a few minutes)
     python benchmarks/ops.py --n 1024 4096 --linear-n 16384 --repeats 5 --backend torch --threads 1
+    python benchmarks/ops.py --n 8192 --linear-n --ops causal "window 512"   # one ratio only
 
 Ops take turns within each N and the best of `repeats` counts, so load from other processes hits
 every op alike. On shared cores, --threads 1 measures the work: with 2 threads every operator call
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--ops", nargs="+", default=list(SOFTMAX_OPS + LINEAR_OPS), choices=SOFTMAX_OPS + LINEAR_OPS,
+                   help="ops to run (default: all)")
     p.add_argument("--out", default="benchmarks/ops.png")
     args = p.parse_args()
     if args.threads:
@@ -80,7 +83,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, ms = [], {}
     for n in sorted(set(args.n + args.linear_n)):
-        ops = LINEAR_OPS if n not in args.n else SOFTMAX_OPS + LINEAR_OPS
+        ops = [op for op in args.ops if op in LINEAR_OPS or n in args.n]
         steps = {op: make_step(op, n, args.heads, args.head_dim, args.backend, device) for op in ops}
         best = best_times(steps, args.repeats, device)
         ms.update({(op, n): best[op] * 1e3 for op in ops})

@@ -72,6 +72,87 @@ def test_flash_attention_wide_window_has_unmasked_interior_tiles(q_start, head_d
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
 
 
+def packed(B, N, starts, seed=0):
+    """Packed document ids [B, N], non-decreasing: documents start at `starts`, plus 3 random starts in later rows."""
+    seg = torch.zeros(B, N, dtype=torch.long)
+    for start in starts:
+        seg[:, start:] += 1
+    extra = torch.randint(1, N, (3,), generator=torch.Generator().manual_seed(seed))
+    for start in extra.tolist():
+        seg[1:, start:] += 1
+    return seg.to(DEVICE)
+
+
+def assert_flash_matches_reference(q, k, v, **opts):
+    """Outputs, lse and dq, dk, dv of the Triton kernels against the torch reference."""
+    out, lse = flash.attention_forward(q, k, v, **opts)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, **opts)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    torch.testing.assert_close(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=2e-5, rtol=1e-5)
+    dout = rand(*out.shape, seed=4)
+    grads = flash.attention_backward(dout, q, k, v, out, lse, **opts)
+    ref_grads = reference.attention_backward(dout, q, k, v, ref_out, ref_lse, **opts)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def test_doc_ranges_match_brute_force():
+    """Each query's span is exactly the keys of its document (and the reverse), also for documents that
+    the other array lacks (a ring block); ids that decrease along a row give None (the masked fallback)."""
+    from longtrain.kernels.flash_attn import doc_ranges
+    seg = packed(2, 120, starts=(7, 8, 50, 90), seed=3)
+    for q_seg, k_seg in [(seg, seg), (seg[:, 60:], seg[:, :70]), (seg[:, :30], seg[:, 40:])]:
+        q_spans, k_spans = doc_ranges(q_seg, k_seg)
+        for spans, ids, other in [(q_spans, q_seg, k_seg), (k_spans, k_seg, q_seg)]:
+            for b in range(ids.shape[0]):
+                for i, doc in enumerate(ids[b].tolist()):
+                    same = (other[b] == doc).nonzero().flatten().tolist()
+                    assert list(range(spans[b, 0, i], spans[b, 1, i])) == same
+    reused = torch.tensor([[0, 0, 1, 1, 0, 0]], device=DEVICE)
+    assert doc_ranges(reused, reused) is None
+
+
+DOC_CASES = [dict(), dict(causal=False), dict(window=50), dict(q_start=64, k_start=0, nk=320),
+             dict(q_start=192, k_start=0, n=192, causal=False), dict(q_start=0, k_start=64, nk=192),
+             dict(reused_ids=True)]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=str)
+def test_flash_attention_with_packed_documents(case):
+    """Documents of 1-86 tokens against the interpreter's 64-token tiles, GQA: skipped tiles, one-document
+    tiles without a mask, and ring blocks (q_start != k_start) whose queries' documents the keys may lack; reused_ids
+    (ids not sorted) runs the fallback that masks every tile."""
+    case = dict(case)
+    n, q_start, k_start = case.pop("n", 256), case.get("q_start", 0), case.get("k_start", 0)
+    nk = case.pop("nk", n)
+    seg = packed(2, max(q_start + n, k_start + nk), starts=(29, 64, 150, 151, 200, 240))
+    if case.pop("reused_ids", False):
+        seg = seg % 2
+    q = rand(2, 2, n, 16, seed=1)
+    k, v = rand(2, 1, nk, 16, seed=2), rand(2, 1, nk, 16, seed=3)
+    assert_flash_matches_reference(q, k, v, scale=0.3, q_seg=seg[:, q_start:q_start + n],
+                                   k_seg=seg[:, k_start:k_start + nk], **case)
+
+
+def test_cross_document_tiles_are_skipped():
+    """NaN in the first document's 128 rows of K, V or Q: rows of documents from 256 on stay finite, so no
+    tile of theirs read those rows (a masked tile would turn 0 * NaN into NaN); holds for any tile size."""
+    n = 384
+    seg = packed(1, n, starts=(128, 256, 300))
+    q, k, v, dout = (rand(1, 1, n, 16, seed=s) for s in range(4))
+    opts = dict(scale=0.3, causal=False, q_seg=seg, k_seg=seg)
+    bad = torch.zeros(1, 1, n, 1, dtype=torch.bool, device=DEVICE)
+    bad[:, :, :128] = True
+    k_nan, v_nan, q_nan = (x.masked_fill(bad, float("nan")) for x in (k, v, q))
+    out, lse = flash.attention_forward(q, k_nan, v_nan, **opts)
+    dq = flash.attention_backward(dout, q, k_nan, v_nan, out, lse, **opts)[0]
+    assert out[:, :, 256:].isfinite().all() and lse[:, :, 256:].isfinite().all() and dq[:, :, 256:].isfinite().all()
+    out, lse = flash.attention_forward(q_nan, k, v, **opts)
+    dk, dv = flash.attention_backward(dout, q_nan, k, v, out, lse, **opts)[1:]
+    assert dk[:, :, 256:].isfinite().all() and dv[:, :, 256:].isfinite().all()
+
+
 def test_public_op_with_triton_backend_runs_autograd():
     q, k, v = (rand(1, 2, 80, 32, seed=s).requires_grad_() for s in range(3))
     outs = []

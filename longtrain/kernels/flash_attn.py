@@ -3,10 +3,13 @@
 Same signatures as reference.attention_forward / attention_backward: global offsets q_start/k_start
 (a ring block is a rectangle of the global causal mask), sliding window, segment ids, GQA without
 repeating K/V, any head dim up to 256, fp32 accumulation. Only the key (or query) tiles that the
-causal/window mask leaves visible are visited, and only the tiles on a mask edge (or every tile, with
-documents) compute the mask. Softmax runs in base 2 with log2(e) folded into the scale. On a GPU the
-autotuner picks tile sizes, warps and pipeline stages per shape; the interpreter runs one small config.
-kind="sigmoid" runs sigmoid attention in the same kernels.
+causal/window mask and the documents leave visible are visited, and only tiles on a mask edge compute
+the mask. Documents: when ids never decrease along a row (packed documents), the host finds each
+query's key span and each key's query span (doc_ranges: a binary search per position, whatever the tile
+size); a kernel reads them at its tile's first and last row, skips tiles outside them and runs tiles
+inside one document unmasked. Other ids fall back to masking every visited tile. Softmax runs in base 2
+with log2(e) folded into the scale. On a GPU the autotuner picks tile sizes, warps and pipeline stages
+per shape; the interpreter runs one small config. kind="sigmoid" runs sigmoid attention in the same kernels.
 """
 import math
 import os
@@ -20,7 +23,7 @@ from longtrain.kernels.reference import acc_dtype
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-TUNE_KEY = ["Nq", "Nk", "D", "CAUSAL", "WINDOW", "HAS_SEG", "SIGMOID"]
+TUNE_KEY = ["Nq", "Nk", "D", "CAUSAL", "WINDOW", "HAS_SEG", "DOC_RANGES", "SIGMOID"]
 # (BLOCK_M, BLOCK_N, warps, stages) candidates; BLOCK_M is the query tile, BLOCK_N the key tile
 FWD_BLOCKS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)]
 DKDV_BLOCKS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
@@ -53,10 +56,27 @@ def _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, qseg_ptr, kseg_ptr, b,
 
 
 @triton.jit
-def _key_ranges(m_lo, m_hi, q_start, k_start, Nk, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
+def _doc_bounds(lo, full_lo, full_hi, hi, DOC, b, N, first, last, BLOCK: tl.constexpr):
+    """Intersect [lo, hi) with the document span of rows first..last (DOC [B, 2, N]: each row's span in the
+    other array); the interior [full_lo, full_hi) keeps only tiles inside one document's span."""
+    first_lo = tl.load(DOC + b * 2 * N + first)
+    first_hi = tl.load(DOC + b * 2 * N + N + first)
+    last_lo = tl.load(DOC + b * 2 * N + last)
+    last_hi = tl.load(DOC + b * 2 * N + N + last)
+    one_doc = (first_lo == last_lo) & (first_hi == last_hi)
+    lo = tl.maximum(lo, (first_lo // BLOCK) * BLOCK)
+    hi = tl.minimum(hi, last_hi)
+    full_lo = tl.maximum(full_lo, tl.where(one_doc, tl.cdiv(first_lo, BLOCK) * BLOCK, hi))
+    full_hi = tl.minimum(full_hi, tl.where(one_doc, (first_hi // BLOCK) * BLOCK, 0))
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _key_ranges(m_lo, m_hi, q_start, k_start, Nq, Nk, QDOC, b, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr, BLOCK: tl.constexpr):
     """Key tiles that queries [m_lo, m_hi) may see, [lo, hi), and the interior [full_lo, full_hi) of tiles
-    every one of those queries sees whole (no mask needed); all starts aligned to BLOCK."""
+    every one of those queries sees whole (no mask needed); all starts aligned to BLOCK. With DOC_RANGES,
+    tiles outside the queries' documents are skipped; without, documents mask every tile."""
     lo = 0
     hi = Nk
     full_lo = 0
@@ -67,7 +87,10 @@ def _key_ranges(m_lo, m_hi, q_start, k_start, Nk, CAUSAL: tl.constexpr, WINDOW: 
     if WINDOW > 0:
         lo = (tl.maximum(0, q_start + m_lo - WINDOW + 1 - k_start) // BLOCK) * BLOCK
         full_lo = tl.cdiv(tl.maximum(0, q_start + m_hi - WINDOW - k_start), BLOCK) * BLOCK
-    if HAS_SEG:
+    if DOC_RANGES:
+        lo, full_lo, full_hi, hi = _doc_bounds(lo, full_lo, full_hi, hi, QDOC, b, Nq, m_lo,
+                                               tl.minimum(m_hi, Nq) - 1, BLOCK)
+    elif HAS_SEG:
         full_lo = hi
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
@@ -75,10 +98,11 @@ def _key_ranges(m_lo, m_hi, q_start, k_start, Nk, CAUSAL: tl.constexpr, WINDOW: 
 
 
 @triton.jit
-def _query_ranges(n_lo, n_hi, q_start, k_start, Nq, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                  HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
+def _query_ranges(n_lo, n_hi, q_start, k_start, Nq, Nk, KDOC, b, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                  HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr, BLOCK: tl.constexpr):
     """Query tiles that may see keys [n_lo, n_hi), [lo, hi), and the interior [full_lo, full_hi) of tiles
-    that see all of those keys; rows past Nq or keys past Nk add nothing to dK, dV, so need no mask."""
+    that see all of those keys; rows past Nq or keys past Nk add nothing to dK, dV, so need no mask.
+    Documents as in _key_ranges."""
     lo = 0
     hi = Nq
     full_lo = 0
@@ -89,7 +113,10 @@ def _query_ranges(n_lo, n_hi, q_start, k_start, Nq, CAUSAL: tl.constexpr, WINDOW
     if WINDOW > 0:
         hi = tl.minimum(Nq, tl.maximum(0, k_start + n_hi + WINDOW - 1 - q_start))
         full_hi = (tl.maximum(0, k_start + n_lo + WINDOW - q_start) // BLOCK) * BLOCK
-    if HAS_SEG:
+    if DOC_RANGES:
+        lo, full_lo, full_hi, hi = _doc_bounds(lo, full_lo, full_hi, hi, KDOC, b, Nk, n_lo,
+                                               tl.minimum(n_hi, Nk) - 1, BLOCK)
+    elif HAS_SEG:
         full_lo = hi
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
@@ -130,10 +157,11 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, offs_m, offs_d, d_ok, q
 
 @triton.autotune(configs=_configs(FWD_BLOCKS), key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start, Nq, Nk, Hq, G, D,
+def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q_start, k_start, Nq, Nk, Hq, G, D,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr,
+                SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -152,8 +180,8 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, sm_scale, sig_bias, q_start, k_st
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     K = K + b * skb + hk * skh
     V = V + b * svb + hk * svh
-    lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nk,
-                                           CAUSAL, WINDOW, HAS_SEG, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nq, Nk,
+                                           QDOC, b, CAUSAL, WINDOW, HAS_SEG, DOC_RANGES, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, full_lo, offs_m, offs_d, d_ok, qk_scale,
                                sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW, HAS_SEG,
                                SIGMOID, PREC, BLOCK_N)
@@ -224,10 +252,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdn, lo, hi, offs_n, offs_
 
 @triton.autotune(configs=_configs(DKDV_BLOCKS), key=TUNE_KEY)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q_start, k_start,
                      Nq, Nk, Hkv, G, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr,
-                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr,
+                     SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     """dK, dV of one key tile, summed over the G query heads that share it and every visible query tile."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -241,8 +270,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, sm_scale, sig_
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, hi = _query_ranges(pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, q_start, k_start, Nq,
-                                             CAUSAL, WINDOW, HAS_SEG, BLOCK_M)
+    lo, full_lo, full_hi, hi = _query_ranges(pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, q_start, k_start, Nq, Nk,
+                                             KDOC, b, CAUSAL, WINDOW, HAS_SEG, DOC_RANGES, BLOCK_M)
     for g in range(G):
         h = hk * G + g
         q_h = Q + b * sqb + h * sqh
@@ -283,10 +312,11 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, hi, offs_m, offs_d, d_
 
 @triton.autotune(configs=_configs(DQ_BLOCKS), key=TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, sm_scale, sig_bias, q_start, k_start,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q_start, k_start,
                    Nq, Nk, Hq, G, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, SIGMOID: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr,
+                   SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """dQ of one query tile over every visible key tile."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -303,8 +333,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, sm_scale, sig_bias, 
                  mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     lse2, delta = _row_stats(LSE + bh * Nq, DELTA + bh * Nq, offs_m, m_ok, SIGMOID)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nk,
-                                           CAUSAL, WINDOW, HAS_SEG, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nq, Nk,
+                                           QDOC, b, CAUSAL, WINDOW, HAS_SEG, DOC_RANGES, BLOCK_N)
     K = K + b * skb + hk * skh
     V = V + b * svb + hk * svh
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, full_lo, offs_m, offs_d, d_ok, sm_scale, sig_bias,
@@ -324,12 +354,40 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, q_seg: Tensor | None, k_seg: Tenso
     if q.shape[-1] > 256:
         raise ValueError(f"flash_attn supports head_dim <= 256, got {q.shape[-1]}")
     q, k, v = (t.contiguous() for t in (q, k, v))
-    segs = (q_seg.contiguous(), k_seg.contiguous()) if q_seg is not None else (q, q)  # unused when no segments
-    return q, k, v, segs
+    return q, k, v, _segment_args(q, q_seg, k_seg)
 
 
-def _meta(q: Tensor, causal: bool, window: int | None, has_seg: bool, kind: str) -> dict:
-    return dict(CAUSAL=causal, WINDOW=window or 0, HAS_SEG=has_seg, SIGMOID=kind == "sigmoid",
+def doc_ranges(q_seg: Tensor, k_seg: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Per query, the span [start, end) of the keys of its document; per key, that of its document's queries:
+    int32 [B, 2, Nq] and [B, 2, Nk] by binary search. None unless ids never decrease along a row (packing)."""
+    if not (_non_decreasing(q_seg) and _non_decreasing(k_seg)):
+        return None
+    q_seg, k_seg = q_seg.contiguous(), k_seg.to(q_seg.dtype).contiguous()
+    return _spans(k_seg, q_seg), _spans(q_seg, k_seg)
+
+
+def _non_decreasing(seg: Tensor) -> bool:
+    return bool((seg[:, 1:] >= seg[:, :-1]).all())
+
+
+def _spans(sorted_ids: Tensor, ids: Tensor) -> Tensor:
+    """[B, 2, len(ids)]: where each id's run starts and ends in sorted_ids (start == end when it has none)."""
+    starts = torch.searchsorted(sorted_ids, ids)
+    ends = torch.searchsorted(sorted_ids, ids, right=True)
+    return torch.stack([starts, ends], 1).to(torch.int32).contiguous()
+
+
+def _segment_args(q: Tensor, q_seg: Tensor | None, k_seg: Tensor | None) -> tuple[tuple, bool, bool]:
+    """((QSEG, KSEG, QDOC, KDOC) kernel arguments, HAS_SEG, DOC_RANGES); q stands in for the unused ones."""
+    if q_seg is None:
+        return (q, q, q, q), False, False
+    spans = doc_ranges(q_seg, k_seg)
+    docs = (q, q) if spans is None else spans
+    return (q_seg.contiguous(), k_seg.contiguous(), *docs), True, spans is not None
+
+
+def _meta(q: Tensor, causal: bool, window: int | None, has_seg: bool, use_spans: bool, kind: str) -> dict:
+    return dict(CAUSAL=causal, WINDOW=window or 0, HAS_SEG=has_seg, DOC_RANGES=use_spans, SIGMOID=kind == "sigmoid",
                 PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
 
@@ -341,13 +399,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     """(out [B, Hq, Nq, D] fp32, lse [B, Hq, Nq] fp32 or None for sigmoid), like reference.attention_forward."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q, k, v, (qs, ks) = _prepare(q, k, v, q_seg, k_seg)
+    q, k, v, (segs, has_seg, use_spans) = _prepare(q, k, v, q_seg, k_seg)
     out = torch.empty(B, Hq, Nq, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _fwd_kernel[grid](q, k, v, out, lse, qs, ks, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
+    _fwd_kernel[grid](q, k, v, out, lse, *segs, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                      **_meta(q, causal, window, q_seg is not None, kind))
+                      **_meta(q, causal, window, has_seg, use_spans, kind))
     dt = acc_dtype(q)
     return out.to(dt), (None if kind == "sigmoid" else lse.to(dt))
 
@@ -360,7 +418,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """dq, dk, dv (fp32) like reference.attention_backward; delta = rowsum(dO * O) - dlse is precomputed."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q, k, v, (qs, ks) = _prepare(q, k, v, q_seg, k_seg)
+    q, k, v, (segs, has_seg, use_spans) = _prepare(q, k, v, q_seg, k_seg)
     dout = dout.contiguous().to(q.dtype)
     if kind == "softmax":
         if delta is None:
@@ -373,13 +431,13 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dq = torch.empty(B, Hq, Nq, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
-    meta = _meta(q, causal, window, q_seg is not None, kind)
+    meta = _meta(q, causal, window, has_seg, use_spans, kind)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, qs, ks, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hkv, Hq // Hkv, D,
+        q, k, v, dout, lse, delta, dk, dv, *segs, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hkv, Hq // Hkv, D,
         *strides, **meta)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, dout, lse, delta, dq, qs, ks, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
+        q, k, v, dout, lse, delta, dq, *segs, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
         *strides, **meta)
     dt = acc_dtype(q)
     return dq.to(dt), dk.to(dt), dv.to(dt)
