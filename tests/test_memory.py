@@ -1,12 +1,22 @@
-"""The closed-form memory model counts what autograd really saves; the chunked loss saves O(N d), not O(N vocab)."""
+"""The closed-form memory model against independent counts: autograd's saved tensors per block, and the CPU
+allocator's live bytes over a whole step (torch.profiler's memory events), on one device and on 2 SP ranks."""
+import tempfile
+
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from longtrain.attention import AttnContext
 from longtrain.config import load_config
+from longtrain.parallel.spawn import run_distributed
 from longtrain.trainer.loss import linear_cross_entropy
-from longtrain.trainer.memory_model import block_floats, mixer_floats, step_memory
+from longtrain.trainer.memory_model import block_floats, mixer_floats, num_params, step_memory
 from longtrain.trainer.model import LM
+from longtrain.trainer.parallelize import apply_checkpointing
+
+SMALL = ["model.d_model=32", "model.n_heads=2", "model.chunk_size=16", "model.vocab_size=64", "data.batch_size=1"]
+MODES = {"off": [], "block": ["model.activation_checkpointing=true"],
+         "mixer": ["model.activation_checkpointing=true", "model.checkpoint_mode=mixer"]}
 
 
 def saved_floats(fn) -> float:
@@ -20,6 +30,18 @@ def saved_floats(fn) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(storages.values())
+
+
+def peak_live_bytes(fn) -> int:
+    """Peak of the bytes the CPU allocator holds while fn() runs, above those held before (profiler events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def block_saved_per_token(cfg, N: int) -> float:
@@ -44,6 +66,52 @@ def test_saved_floats_per_token_match_autograd(mixer, shape):
     assert formula == pytest.approx(counted, rel=0.03)
 
 
+def step_peak(cfg, n: int) -> int:
+    """Peak live bytes of forward + backward of a fresh LM (checkpointing as configured) on n tokens."""
+    torch.manual_seed(0)
+    lm = LM(cfg.model)
+    if cfg.model.activation_checkpointing:
+        apply_checkpointing(lm, cfg.model.checkpoint_mode)
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, n))
+    mask = torch.ones(1, n, dtype=torch.bool)
+    ctx = AttnContext(torch.arange(n), n, None, None, "torch")
+    return peak_live_bytes(lambda: lm(tokens, ctx, tokens, mask)[0].backward())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_step_peak_per_token_matches_allocator(mode):
+    """Bytes per token of the step's peak (difference between N and 2N) on one device, hybrid model."""
+    N = 1024
+    cfgs = [load_config(None, SMALL + MODES[mode] + ["model.n_layers=4", "model.pattern=gla*3,softmax",
+                                                     f"data.seq_len={n}"]) for n in (N, 2 * N)]
+    measured = step_peak(cfgs[1], 2 * N) - step_peak(cfgs[0], N)
+    formula = step_memory(cfgs[1], 1)["total"] - step_memory(cfgs[0], 1)["total"]
+    assert formula == pytest.approx(measured, rel=0.1)
+
+
+def sp_step_peak(rank, world, overrides):
+    """Peak live bytes of one training step above the built trainer on this rank."""
+    from longtrain.trainer.train import Trainer
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(load_config(None, overrides + [f"run.dir={tmp}"]))
+        return peak_live_bytes(trainer.train_step)
+
+
+@pytest.mark.parametrize("mode", ["off", "block"])
+def test_sp_step_peak_per_token_matches_allocator(mode):
+    """The same on 2 SP ranks (ZeCO + ring, FSDP2): the SP functions' own tensors are in the formula."""
+    N = 2048
+    base = SMALL + MODES[mode] + ["model.n_layers=4", "model.pattern=gla*3,softmax", "parallel.sp_size=2",
+                                  "parallel.linear_sp=zeco", "parallel.softmax_sp=ring", "train.eval_every=0",
+                                  "run.resume=false", "run.progress=false", "wandb.mode=disabled"]
+    peaks, formulas = [], []
+    for n in (N, 2 * N):
+        overrides = base + [f"data.seq_len={n}"]
+        peaks.append(max(run_distributed(sp_step_peak, 2, overrides)))
+        formulas.append(step_memory(load_config(None, overrides), 2)["total"])
+    assert formulas[1] - formulas[0] == pytest.approx(peaks[1] - peaks[0], rel=0.1)
+
+
 def test_chunked_loss_saves_no_logits():
     T, d, V = 2048, 32, 4096
     h = torch.randn(1, T, d, requires_grad=True)
@@ -55,11 +123,14 @@ def test_chunked_loss_saves_no_logits():
     assert chunked <= T * (d + 3) + V * d  # h, lse, targets, weights per token and the head weight
 
 
-def test_step_memory_scales_with_local_tokens():
-    cfg = load_config(None, ["model.pattern=gla*3,softmax", "data.seq_len=4096", "data.batch_size=1"])
-    one = step_memory(cfg, 1)
-    cfg.parallel.sp_size = 2
-    two = step_memory(cfg, 2)
-    assert two["activations"] == pytest.approx(one["activations"] / 2)
-    assert two["grads+adam"] == pytest.approx(one["grads+adam"] / 2)  # FSDP2 shards them
-    assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
+def test_gpu_estimate_counts_fsdp2_mixed_precision():
+    """bf16 activations are half the fp32 ones; fp32 params, grads and AdamW sharded: 16 bytes / param / rank."""
+    cfg = load_config(None, ["model.pattern=gla*3,softmax", "data.seq_len=4096", "data.batch_size=1",
+                             "parallel.sp_size=2"])
+    fp32, bf16 = step_memory(cfg, 4), step_memory(cfg, 4, elem=2, gpu=True)
+    n, _ = num_params(cfg.model)
+    assert bf16["params"] + bf16["grads+adam"] == pytest.approx(16 * n / 4)
+    assert bf16["activations"] == pytest.approx(fp32["activations"] / 2)
+    assert bf16["gathered"] > 0 and bf16["total"] == pytest.approx(sum(v for k, v in bf16.items() if k != "total"))
+    cfg.train.offload_activations = True
+    assert step_memory(cfg, 4, elem=2, gpu=True)["activations"] < bf16["activations"] / 2

@@ -34,6 +34,7 @@ class Lasp1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         group, lps, states_in = ctx.group, ctx.lps, ctx.states_in
+        ctx.lps = ctx.states_in = None  # freed with this backward, not when the whole graph goes
         r = group_rank(group)
         incoming = first_receives(ctx.route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, 1, group,
                                  "lasp1_bwd")

@@ -54,6 +54,7 @@ class Lasp2(torch.autograd.Function):
     def backward(ctx, dout):
         states_in = ctx.states_in
         group, gates, decays, lps, layout = ctx.group, ctx.gates, ctx.decays, ctx.lps, ctx.layout
+        ctx.lps = ctx.states_in = ctx.decays = None  # freed with this backward, not when the whole graph goes
         P, r = group_size(group), group_rank(group)
         chunks = local_chunks(dout.shape[2], P, r, layout)
         douts = [dout.narrow(2, off, n) for off, _, n in chunks]

@@ -64,6 +64,7 @@ class ZeCO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         group, gates, route, K, lps, states_in = ctx.group, ctx.gates, ctx.route, ctx.blocks, ctx.lps, ctx.states_in
+        ctx.lps = ctx.states_in = None  # freed with this backward, not when the whole graph goes
         r = group_rank(group)
         incoming = first_receives(route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, K, group,
                                  "zeco_bwd")

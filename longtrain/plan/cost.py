@@ -425,5 +425,5 @@ def sp_transient_bytes(cfg, elem: int = 2) -> float:
         elif p.softmax_sp in ("ulysses", "usp"):
             out = max(out, B * N / P * (2 * m.n_heads + 2 * kv) * D * elem)
         elif p.softmax_sp == "ring":
-            out = max(out, B * N / P * kv * D * 2 * STATE_ELEM)  # dK/dV accumulators in flight (K/V: step_memory)
+            out = max(out, B * N / P * kv * D * 2 * (2 * elem + STATE_ELEM))  # K/V sent + received, dK/dV (fp32)
     return out

@@ -1,9 +1,18 @@
 """Closed-form memory per rank of one training step, in bytes, for planning N and P before running.
 
-Counts what the torch kernels (the CPU path) keep: parameters, gradients and AdamW state (sharded by FSDP2),
-the tensors each block saves for backward per local token, the SP buffers in flight and the head + loss. The
-floats saved per token per layer are counted from the code (tests/test_memory.py checks them against torch's
-saved-tensor hooks); the Triton kernels keep less inside the linear mixers (no decay tiles).
+Counts live tensors at the step's peak, from the code: the floats each block keeps per local token from its
+forward to its backward (tests/test_memory.py checks them against autograd's saved tensors), what the SP
+functions keep on ctx beside them, the one layer being recomputed or differentiated, the head + loss, and the
+model state. The backward runs the layers last to first and frees each layer's tensors as it goes, so the peak
+is the larger of the end of the forward and, for some layer i, the layers below i plus i's working set.
+
+CPU (gpu=False, fp32): bytes a step adds to a model that has trained a step (parameters and AdamW state are
+there already): gradients, activations, loss; the benchmark compares it with the peak RSS.
+GPU (gpu=True): the whole device memory, assuming FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce)
+under bf16 autocast: fp32 sharded parameters, gradients and two AdamW states (16 bytes per parameter / world),
+the bf16 parameters of the root and of two blocks gathered at once (one prefetched) and one block's unsharded
+gradients, activations at `elem` bytes each (norms and states run in fp32 under autocast: a few percent more).
+Not measured on a GPU yet. The Triton kernels keep less inside the linear mixers (no decay tiles).
 """
 import math
 
@@ -12,9 +21,11 @@ from omegaconf import OmegaConf
 
 from longtrain.attention import LINEAR_FAMILY
 from longtrain.config import Config, ModelConfig, layer_mixers
+from longtrain.parallel import STATE_PASSING_SP
 from longtrain.trainer.model import LM, mlp_hidden
 
 PER_CHANNEL_DECAY = ("gla",)  # decay [B, H, N, Dk]: its chunked path factors the decay level by level
+LOCAL_PASS_FLOATS = 6  # x d: q, k, v, log decay, local output and cumulative decay, kept on ctx by LASP/ZeCO
 
 
 def block_floats(cfg: ModelConfig) -> float:
@@ -25,7 +36,7 @@ def block_floats(cfg: ModelConfig) -> float:
 
 
 def mixer_floats(cfg: ModelConfig, mixer: str) -> float:
-    """Per token, what one mixer saves for backward (torch kernels)."""
+    """Per token, what one mixer saves for backward (torch kernels, one device)."""
     d, H, C = cfg.d_model, cfg.n_heads, cfg.chunk_size
     D = d // H
     if mixer in PER_CHANNEL_DECAY:  # secondary chunking: log2(C) levels of half-chunk products
@@ -41,17 +52,47 @@ def mixer_floats(cfg: ModelConfig, mixer: str) -> float:
     return d + (d + 2 * kv) + (d + kv) + 2 * D + H
 
 
-def saved_floats_per_token(cfg: ModelConfig) -> float:
-    """All layers' saved floats per local token with checkpointing as configured, plus the one layer being
-    recomputed or differentiated (the backward working set)."""
-    per_layer = [block_floats(cfg) + mixer_floats(cfg, m) for m in layer_mixers(cfg)]
-    d = cfg.d_model
-    if not cfg.activation_checkpointing:
-        return sum(per_layer) + max(per_layer)
-    if cfg.checkpoint_mode == "block":  # each block keeps its input; one block recomputed at a time
-        return len(per_layer) * d + 2 * max(per_layer)
-    mixers = [mixer_floats(cfg, m) for m in layer_mixers(cfg)]  # mixer mode: the rest stays, one mixer recomputed
-    return len(mixers) * (block_floats(cfg) + d) + max(per_layer) + max(mixers)
+def sp_floats(cfg: Config, mixer: str) -> tuple[float, float]:
+    """Per token, what the layer's SP function adds to the one-device mixer: (saved, kept on ctx past a
+    checkpoint). LASP/ZeCO: local output, cumulative decay and corrected output (3 d) saved, the LocalPass
+    (LOCAL_PASS_FLOATS d) on ctx. Ring: its fp32 output (d). Buffers in flight: plan.cost.sp_transient_bytes."""
+    d, p = cfg.model.d_model, cfg.parallel
+    if p.sp_size == 1:
+        return 0.0, 0.0
+    if mixer in LINEAR_FAMILY:
+        return (3 * d, LOCAL_PASS_FLOATS * d) if p.linear_sp in STATE_PASSING_SP else (0.0, 0.0)
+    return (d, 0.0) if p.softmax_sp == "ring" else (0.0, 0.0)
+
+
+def layer_floats(cfg: Config, mixer: str, offload: bool) -> tuple[float, float]:
+    """Per token, (resident, working) of one layer: what it keeps between its forward and its backward, and what
+    it adds while it is recomputed and differentiated."""
+    m = cfg.model
+    block, mix, d = block_floats(m), mixer_floats(m, mixer), m.d_model
+    sp, escaped = sp_floats(cfg, mixer)
+    # a recomputed LASP/ZeCO mixer holds its local pass twice: the checkpoint's copies and its own ctx graph
+    again = mix if escaped else 0.0
+    mlp = block - (2 * d + 1)  # the MLP half of the block, differentiated (and freed) before the mixer
+    if not m.activation_checkpointing:
+        if offload:  # saved tensors wait in host memory; the LocalPass on ctx stays
+            return escaped, block + mix + sp
+        return block + mix + sp, 0.0
+    if m.checkpoint_mode == "block":  # the block input stays, the whole block is recomputed
+        return d + escaped, block + mix + sp + again
+    if offload:  # mixer mode: the rest of the block is offloaded, the mixer recomputed
+        return escaped, block - mlp + mix + sp + again
+    return block + escaped, mix + sp + again - mlp
+
+
+def saved_floats_per_token(cfg: Config, offload: bool = False) -> float:
+    """Floats per local token alive at the step's peak: the end of the forward, or the backward of layer i with
+    the layers below it still resident; plus the gradients in flight (residual stream and MLP hidden layer)."""
+    layers = [layer_floats(cfg, name, offload) for name in layer_mixers(cfg.model)]
+    below, peak = 0.0, sum(r for r, _ in layers)
+    for resident, working in layers:
+        below += resident
+        peak = max(peak, below + working)
+    return peak + cfg.model.d_model + mlp_hidden(cfg.model)
 
 
 def loss_bytes(tokens: int, d: int, vocab: int, chunk: int, elem: int = 4) -> float:
@@ -62,38 +103,46 @@ def loss_bytes(tokens: int, d: int, vocab: int, chunk: int, elem: int = 4) -> fl
     return elem * 3 * tokens * vocab
 
 
-PARAMS: dict[str, int] = {}
+PARAMS: dict[str, tuple[int, int]] = {}
 
 
-def num_params(cfg: ModelConfig) -> int:
-    """Parameter count of longtrain.trainer.model.LM (built on the meta device: no memory; once per model)."""
+def num_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, the largest block's) of longtrain.trainer.model.LM, built on the meta device once per model
+    (the planner asks thousands of times)."""
     key = OmegaConf.to_yaml(cfg) if OmegaConf.is_config(cfg) else repr(cfg)
     if key not in PARAMS:
         with torch.device("meta"):
-            PARAMS[key] = sum(p.numel() for p in LM(cfg).parameters())
+            lm = LM(cfg)
+        block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks)
+        PARAMS[key] = sum(p.numel() for p in lm.parameters()), block
     return PARAMS[key]
 
 
-def step_memory(cfg: Config, world: int, elem: int = 4, gpu: bool = False) -> dict[str, float]:
-    """Bytes per rank of one training step above the built model, by component, and their sum "total".
+def state_bytes(cfg: Config, world: int, elem: int, gpu: bool) -> dict[str, float]:
+    """Parameters, gradients and AdamW state per rank (FSDP2 shards them over all `world` ranks)."""
+    n, block = num_params(cfg.model)
+    shard = world if cfg.train.engine == "fsdp" and world > 1 else 1
+    if not gpu:  # fp32, above the model and its AdamW state
+        return {"grads": 4 * n / shard}
+    out = {"params": 4 * n / shard, "grads+adam": 12 * n / shard}
+    if shard > 1:  # bf16 root + two blocks gathered, one block's unsharded gradients before the reduce-scatter
+        out["gathered"] = elem * (n - len(layer_mixers(cfg.model)) * block + 2 * block) + (elem + 4) * block
+    elif elem < 4:  # autocast's low-precision weight copies, cached for the whole forward
+        out["gathered"] = elem * n
+    return out
 
-    world: all dp x sp ranks (FSDP2 shards gradients and AdamW state over them; DDP and DeepSpeed don't here).
-    gpu: device memory, where train.offload_activations moves the saved tensors out; on CPU they stay in RSS.
+
+def step_memory(cfg: Config, world: int, elem: int = 4, gpu: bool = False) -> dict[str, float]:
+    """Bytes per rank of one training step by component, and their sum "total".
+
+    world: all dp x sp ranks. gpu: device memory (see the module docstring), where train.offload_activations
+    moves the saved tensors to the host; on CPU they stay in RSS, so offload changes nothing.
     """
     m, sp = cfg.model, cfg.parallel.sp_size
     tokens = cfg.data.batch_size * cfg.data.seq_len // sp  # local tokens per micro-batch
-    shard = world if cfg.train.engine == "fsdp" else 1
-    params = num_params(m) * elem
-    d_kv = (m.n_kv_heads or m.n_heads) * (m.d_model // m.n_heads)
-    n_softmax = sum(name not in LINEAR_FAMILY for name in layer_mixers(m))
-    saved = saved_floats_per_token(m)
-    if gpu and cfg.train.offload_activations and not (m.activation_checkpointing and m.checkpoint_mode == "block"):
-        saved = max(block_floats(m) + mixer_floats(m, name) for name in layer_mixers(m))  # the working set only
-    out = {
-        "grads+adam": 3 * params / shard,
-        "activations": elem * tokens * (saved + 3 * m.d_model),  # + embedding output, final norm
-        "sp_buffers": 0.0 if sp == 1 or not n_softmax else elem * 2 * 2 * tokens * d_kv,  # ring K/V: send + recv
-        "loss": loss_bytes(tokens, m.d_model, m.vocab_size, m.loss_chunk, elem),
-    }
+    offload = gpu and cfg.train.offload_activations
+    out = state_bytes(cfg, world, elem, gpu)
+    out["activations"] = elem * tokens * (saved_floats_per_token(cfg, offload) + 3 * m.d_model)  # + embedding, norm
+    out["loss"] = loss_bytes(tokens, m.d_model, m.vocab_size, m.loss_chunk, elem) - elem * tokens * m.d_model  # h: norm
     out["total"] = sum(out.values())
     return out
