@@ -1,6 +1,5 @@
 """Shared benchmark plumbing: timing a forward+backward on every rank, tables, plots."""
 import resource
-import time
 
 import argparse
 
@@ -8,17 +7,7 @@ import torch
 
 from longtrain.parallel import comm
 from longtrain.parallel.spawn import run_distributed
-
-
-def seconds(step, device: torch.device) -> float:
-    """Wall seconds of one step() call (synchronized on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+from longtrain.plan.calibrate import seconds
 
 
 def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, float]:

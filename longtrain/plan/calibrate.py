@@ -22,6 +22,17 @@ from longtrain.plan.hardware import Hardware, Link, load_profile
 SIZES = [2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22]  # message bytes for the collectives
 
 
+def seconds(fn, device: torch.device) -> float:
+    """Wall seconds of one fn() call (synchronized on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn, device: torch.device, repeats: int = 5) -> float:
     """Median seconds of fn() after one warm-up, all ranks starting together."""
     fn()
@@ -29,13 +40,7 @@ def timed(fn, device: torch.device, repeats: int = 5) -> float:
     for _ in range(repeats):
         if dist.is_initialized():
             dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(seconds(fn, device))
     return statistics.median(times)
 
 
