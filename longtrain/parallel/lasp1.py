@@ -10,7 +10,8 @@ import torch
 
 from longtrain.kernels.reference import acc_dtype
 from longtrain.parallel.comm import group_rank, group_size
-from longtrain.parallel.linear_state import correct, correction_backward, local_backward, local_passes
+from longtrain.parallel.linear_state import (correct, correction_backward, keep_for_backward, local_backward,
+                                             local_passes, take_for_backward)
 from longtrain.parallel.sharding import local_chunks
 from longtrain.parallel.state_scan import first_receives, scan_backward, scan_forward, scan_route
 
@@ -28,13 +29,14 @@ class Lasp1(torch.autograd.Function):
         lps = local_passes(q, k, v, log_decay, seg, scale, chunk_size, backend, chunks)
         summaries = [(lp.state.detach(), lp.decay.detach()) for lp in lps]
         states_in = scan_forward(summaries, route, r, gates, incoming, 1, backend, group, "lasp1_fwd")
-        ctx.group, ctx.gates, ctx.route, ctx.chunks, ctx.lps, ctx.states_in = group, gates, route, chunks, lps, states_in
+        ctx.group, ctx.gates, ctx.route, ctx.chunks, ctx.local = group, gates, route, chunks, (scale, chunk_size, backend)
+        keep_for_backward(ctx, lps, states_in, (q, k, v, log_decay, seg))
         return torch.cat([correct(lp, s) for lp, s in zip(lps, states_in)], 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        group, lps, states_in = ctx.group, ctx.lps, ctx.states_in
-        ctx.lps = ctx.states_in = None  # freed with this backward, not when the whole graph goes
+        group = ctx.group
+        lps, states_in = take_for_backward(ctx, *ctx.local, ctx.chunks)
         r = group_rank(group)
         incoming = first_receives(ctx.route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, 1, group,
                                  "lasp1_bwd")

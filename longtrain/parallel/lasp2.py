@@ -12,8 +12,8 @@ import torch
 
 from longtrain.parallel.comm import all_gather, group_rank, group_size
 from longtrain.parallel.linear_state import (add_grads, combine, correct, correction_backward, gate_of,
-                                             local_backward, local_passes, overlap_backward,
-                                             state_grads, zero_state)
+                                             keep_for_backward, local_backward, local_passes, overlap_backward,
+                                             state_grads, take_for_backward, zero_state)
 from longtrain.parallel.sharding import by_chunk, chunk_ids, local_chunks
 
 
@@ -45,18 +45,19 @@ class Lasp2(torch.autograd.Function):
             if c in own:
                 states_in[c] = state
         ctx.decays = {c: s[n_state:].view(decay_shape).clone() for c, s in enumerate(summaries) if c >= min(own)}
-        ctx.group, ctx.gates, ctx.lps, ctx.layout = group, gates, lps, layout
-        ctx.states_in, ctx.overlap = [states_in[c] for c in own], overlap_backward(lps[0])
-        outs = [correct(lp, s_in) for lp, s_in in zip(lps, ctx.states_in)]
+        ctx.group, ctx.gates, ctx.layout, ctx.overlap = group, gates, layout, overlap_backward(lps[0])
+        ctx.local, own_states = (scale, chunk_size, backend), [states_in[c] for c in own]
+        keep_for_backward(ctx, lps, own_states, (q, k, v, log_decay, seg))
+        outs = [correct(lp, s_in) for lp, s_in in zip(lps, own_states)]
         return torch.cat(outs, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        states_in = ctx.states_in
-        group, gates, decays, lps, layout = ctx.group, ctx.gates, ctx.decays, ctx.lps, ctx.layout
-        ctx.lps = ctx.states_in = ctx.decays = None  # freed with this backward, not when the whole graph goes
+        group, gates, decays, layout = ctx.group, ctx.gates, ctx.decays, ctx.layout
+        ctx.decays = None  # freed with this backward, not when the whole graph goes
         P, r = group_size(group), group_rank(group)
         chunks = local_chunks(dout.shape[2], P, r, layout)
+        lps, states_in = take_for_backward(ctx, *ctx.local, chunks)
         douts = [dout.narrow(2, off, n) for off, _, n in chunks]
         corrections = [correction_backward(lp, d, s) for lp, d, s in zip(lps, douts, states_in)]
         gathered, req = all_gather(torch.stack([grad for _, grad in corrections]), group, "lasp2_bwd", async_op=True)

@@ -192,8 +192,34 @@ def overlap_backward(lp: LocalPass) -> bool:
     block, its communication included, so one call after the communication is both cheaper and safe. Called in
     the forward, where the hooks are visible (through torch's private _top_saved_tensors_default_hooks).
     """
-    fused = getattr(lp.backend, "FUSED_LINEAR_BACKWARD", False)
-    return not fused and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    return not getattr(lp.backend, "FUSED_LINEAR_BACKWARD", False) and not hooks_active()
+
+
+def hooks_active() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing, offload) are on (torch's private accessor)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def keep_for_backward(ctx, lps: list[LocalPass], states_in: list, inputs: tuple) -> None:
+    """Keep the local passes on ctx; under saved-tensor hooks keep only the inputs (q, k, v, log_decay, segment ids)
+    and the incoming states, saved through the hooks so that checkpointing frees them (offload moves them), and
+    let backward recompute the local passes (local math, no communication)."""
+    if hooks_active():
+        ctx.save_for_backward(*inputs, *states_in)
+        ctx.lps = None
+    else:
+        ctx.lps, ctx.states_in = lps, states_in
+
+
+def take_for_backward(ctx, scale: float, chunk_size: int, backend, chunks: list) -> tuple[list[LocalPass], list]:
+    """The local passes and incoming states keep_for_backward kept (recomputed from the inputs if that is all it
+    kept); ctx lets go of them, so they are freed with this backward, not when the whole graph goes."""
+    if ctx.lps is not None:
+        lps, states_in = ctx.lps, ctx.states_in
+        ctx.lps = ctx.states_in = None
+        return lps, states_in
+    q, k, v, log_decay, seg, *states_in = ctx.saved_tensors
+    return local_passes(q, k, v, log_decay, seg, scale, chunk_size, backend, chunks), states_in
 
 
 def zero_state(q: Tensor, v: Tensor) -> Tensor:

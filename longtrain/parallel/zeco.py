@@ -16,8 +16,8 @@ import torch
 from longtrain.kernels import get_backend
 from longtrain.kernels.reference import acc_dtype
 from longtrain.parallel.comm import Overlap, group_rank, group_size
-from longtrain.parallel.linear_state import (add_grads, correct, correction_backward, local_backward, local_passes,
-                                             overlap_backward, state_grads)
+from longtrain.parallel.linear_state import (add_grads, correct, correction_backward, keep_for_backward, local_backward,
+                                             local_passes, overlap_backward, state_grads, take_for_backward)
 from longtrain.parallel.sharding import local_chunks
 from longtrain.parallel.state_scan import first_receives, scan_backward, scan_forward, scan_route
 
@@ -58,13 +58,14 @@ class ZeCO(torch.autograd.Function):
         lps = local_passes(q, k, v, log_decay, seg, scale, chunk_size, backend, chunks, start_scan)
         states_in = scan["job"].join()
         ctx.group, ctx.gates, ctx.route, ctx.blocks, ctx.chunks = group, gates, route, K, chunks
-        ctx.lps, ctx.states_in, ctx.overlap = lps, states_in, overlap_backward(lps[0])
+        ctx.local, ctx.overlap = (scale, chunk_size, backend), overlap_backward(lps[0])
+        keep_for_backward(ctx, lps, states_in, (q, k, v, log_decay, seg))
         return torch.cat([correct(lp, s) for lp, s in zip(lps, states_in)], 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        group, gates, route, K, lps, states_in = ctx.group, ctx.gates, ctx.route, ctx.blocks, ctx.lps, ctx.states_in
-        ctx.lps = ctx.states_in = None  # freed with this backward, not when the whole graph goes
+        group, gates, route, K = ctx.group, ctx.gates, ctx.route, ctx.blocks
+        lps, states_in = take_for_backward(ctx, *ctx.local, ctx.chunks)
         r = group_rank(group)
         incoming = first_receives(route, r, True, states_in[0].shape, states_in[0].dtype, dout.device, K, group,
                                  "zeco_bwd")

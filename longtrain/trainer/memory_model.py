@@ -52,16 +52,21 @@ def mixer_floats(cfg: ModelConfig, mixer: str) -> float:
     return d + (d + 2 * kv) + (d + kv) + 2 * D + H
 
 
+def state_passing(cfg: Config, mixer: str) -> bool:
+    return cfg.parallel.sp_size > 1 and mixer in LINEAR_FAMILY and cfg.parallel.linear_sp in STATE_PASSING_SP
+
+
 def sp_floats(cfg: Config, mixer: str) -> tuple[float, float]:
     """Per token, what the layer's SP function adds to the one-device mixer: (saved, kept on ctx past a
     checkpoint). LASP/ZeCO: local output, cumulative decay and corrected output (3 d) saved, the LocalPass
-    (LOCAL_PASS_FLOATS d) on ctx. Ring: its fp32 output (d). Buffers in flight: plan.cost.sp_transient_bytes."""
+    (LOCAL_PASS_FLOATS d) on ctx, except under saved-tensor hooks (checkpointing, offload), where they keep only
+    their inputs, through the hooks. Ring: its fp32 output (d). Buffers in flight: plan.cost.sp_transient_bytes."""
     d, p = cfg.model.d_model, cfg.parallel
-    if p.sp_size == 1:
-        return 0.0, 0.0
-    if mixer in LINEAR_FAMILY:
-        return (3 * d, LOCAL_PASS_FLOATS * d) if p.linear_sp in STATE_PASSING_SP else (0.0, 0.0)
-    return (d, 0.0) if p.softmax_sp == "ring" else (0.0, 0.0)
+    if state_passing(cfg, mixer):
+        if cfg.model.activation_checkpointing or cfg.train.offload_activations:
+            return 0.0, 0.0
+        return 3 * d, LOCAL_PASS_FLOATS * d
+    return (d, 0.0) if p.sp_size > 1 and mixer not in LINEAR_FAMILY and p.softmax_sp == "ring" else (0.0, 0.0)
 
 
 def layer_floats(cfg: Config, mixer: str, offload: bool) -> tuple[float, float]:
@@ -70,18 +75,18 @@ def layer_floats(cfg: Config, mixer: str, offload: bool) -> tuple[float, float]:
     m = cfg.model
     block, mix, d = block_floats(m), mixer_floats(m, mixer), m.d_model
     sp, escaped = sp_floats(cfg, mixer)
-    # a recomputed LASP/ZeCO mixer holds its local pass twice: the checkpoint's copies and its own ctx graph
-    again = mix if escaped else 0.0
     mlp = block - (2 * d + 1)  # the MLP half of the block, differentiated (and freed) before the mixer
     if not m.activation_checkpointing:
         if offload:  # saved tensors wait in host memory; the LocalPass on ctx stays
             return escaped, block + mix + sp
         return block + mix + sp, 0.0
     if m.checkpoint_mode == "block":  # the block input stays, the whole block is recomputed
-        return d + escaped, block + mix + sp + again
+        if state_passing(cfg, mixer):  # its local pass is rebuilt in its own backward, after the MLP's is done
+            return d, block - mlp + mix
+        return d + escaped, block + mix + sp
     if offload:  # mixer mode: the rest of the block is offloaded, the mixer recomputed
-        return escaped, block - mlp + mix + sp + again
-    return block + escaped, mix + sp + again - mlp
+        return escaped, block - mlp + mix + sp
+    return block + escaped, mix + sp - mlp
 
 
 def saved_floats_per_token(cfg: Config, offload: bool = False) -> float:
