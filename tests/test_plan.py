@@ -210,3 +210,19 @@ def test_calibrate_writes_a_loadable_profile(tmp_path):
     hw = load_profile(str(out))
     assert hw.matmul_flops > 0 and hw.attention_flops(200, False) > 0 and hw.linear_flops > 0
     assert all(link.bandwidth > 0 for link in hw.intra.values())
+
+
+def test_plan_cli_rejects_bad_sizes_in_one_line(capsys):
+    from longtrain.launch.cli import main
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    assert main(["plan", "--gpus", "4", "--seq", "0", tiny]) == 2
+    assert "--seq and --gpus must be > 0" in capsys.readouterr().err
+    assert main(["plan", "--gpus", "4", "--seq", "4K", "--doc-len", "8192", tiny]) == 2
+    assert "--doc-len must be in 1..4096" in capsys.readouterr().err
+
+
+def test_planner_resets_ulysses_size_outside_usp():
+    """A base config's ulysses_size does not hide the splits whose SP degree it does not divide."""
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["parallel.ulysses_size=2"])
+    plans = search(cfg, load_profile("h100-nvlink-ib"), 4, 2048, 4)
+    assert {p.overrides["parallel.sp_size"] for p in plans} == {1, 2, 4}

@@ -129,12 +129,19 @@ def cmd_plan(args) -> int:
     from longtrain.plan.planner import distinct, parse_tokens, print_plans, search, shortfall, write_plan
     cfg = load_config(args.config, args.overrides)
     seq = parse_tokens(args.seq) if args.seq else cfg.data.seq_len
+    if seq <= 0 or args.gpus <= 0:
+        raise ConfigError(f"--seq and --gpus must be > 0, got --seq {seq} --gpus {args.gpus}")
+    if args.doc_len is not None and not 0 < args.doc_len <= seq:
+        raise ConfigError(f"--doc-len must be in 1..{seq} (the sequence), got {args.doc_len}")
     batch = args.batch or max(1, 2 ** 22 // seq)
     try:
         hw = load_profile(args.profile)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    mask = Mask("documents", doc_lengths=[args.doc_len] * (seq // args.doc_len)) if args.doc_len else None
+    mask = None
+    if args.doc_len:
+        mask = Mask("documents", doc_lengths=[args.doc_len] * (seq // args.doc_len) + [seq % args.doc_len] * (
+            seq % args.doc_len > 0))
     plans = search(cfg, hw, args.gpus, seq, batch, mask)
     title = (f"{args.config}: {seq:,} tokens x {batch} sequences per step on {args.gpus} GPUs ({hw.name}); "
              f"memory limit {plans[0].limit / 2 ** 30:.0f} GB per GPU")
@@ -145,10 +152,15 @@ def cmd_plan(args) -> int:
         return 1
     if args.write:
         write_plan(cfg, fitting[0], args.write, shlex.join(["longtrain", "plan", *sys.argv[2:]]))
-        run = (f"longtrain launch --nproc {args.gpus} {args.write}" if args.gpus <= hw.gpus_per_node else
-               f"longtrain slurm --nodes {args.gpus // hw.gpus_per_node} --gpus-per-node {hw.gpus_per_node} "
-               f"{args.write}")
-        print(f"wrote {args.write}: run it with `{run}`")
+        nodes, left = divmod(args.gpus, hw.gpus_per_node)
+        if args.gpus <= hw.gpus_per_node:
+            print(f"wrote {args.write}: run it with `longtrain launch --nproc {args.gpus} {args.write}`")
+        elif not left:
+            print(f"wrote {args.write}: run it with `longtrain slurm --nodes {nodes} --gpus-per-node "
+                  f"{hw.gpus_per_node} {args.write}`")
+        else:
+            print(f"wrote {args.write}: {args.gpus} GPUs are not whole nodes of {hw.gpus_per_node}; launch it on "
+                  f"nodes whose GPUs per node divide {args.gpus}")
     return 0
 
 

@@ -10,7 +10,7 @@ Compute (forward FLOPs of one op on one rank):
                                               sum_d L_d(L_d+1)/2 (per sequence); imbalance (2P-1)/P for a
                                               causal mask on the contiguous layout (the last rank's share), else 1
            backward 2.5x (recomputed scores and probabilities, dS, dQ, dK, dV)
-  linear   B n H (4 C Dk + 2 C Dv + 4 Dk Dv)    intra-chunk scores q k^T and their values, state readout q S and
+  linear   B n H (2 C Dk + 2 C Dv + 4 Dk Dv)    intra-chunk scores q k^T and their values, state readout q S and
                                               update k^T v; backward 2x
 Communication per op and rank (bytes sent; forward / backward) and its time:
   ring       (P-1) x 2 B Hkv n D e  /  the same plus P hops of dK, dV in fp32
@@ -159,7 +159,7 @@ def ring_steps_with_work(mask: Mask, P: int, layout: str, N: int) -> int:
     return min(P, reach * (2 if layout == "zigzag" else 1))
 
 
-def allgather_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware, save_kv: bool = False) -> OpCost:
+def allgather_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware) -> OpCost:
     n = shape.seq / P
     shard = 2 * shape.batch * shape.kv_heads * n * shape.head_dim
     seg = shape.batch * n * SEG_ELEM if mask.kind == "documents" else 0
@@ -169,8 +169,8 @@ def allgather_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware
     t_gather = (P - 1) * gather.time(shard * shape.elem) + (P - 1) * gather.time(seg) * (seg > 0)
     t_scatter = 2 * (P - 1) * scatter.time(shard / 2 * STATE_ELEM)
     fwd_bytes = (P - 1) * (shard * shape.elem + seg)
-    bwd_bytes = (0 if save_kv else (P - 1) * shard * shape.elem) + (P - 1) * shard * STATE_ELEM
-    t_bwd_comm = (0 if save_kv else (P - 1) * gather.time(shard * shape.elem)) + t_scatter
+    bwd_bytes = (P - 1) * shard * shape.elem + (P - 1) * shard * STATE_ELEM  # K/V gathered again, dK/dV scattered
+    t_bwd_comm = (P - 1) * gather.time(shard * shape.elem) + t_scatter
     return OpCost(c_fwd + t_gather, c_bwd + t_bwd_comm, fwd_bytes, bwd_bytes, c_fwd, c_bwd, t_gather, t_bwd_comm)
 
 
@@ -228,7 +228,7 @@ def linear_compute(shape: OpShape, P: int, hw: Hardware) -> tuple[float, float, 
     return fwd, 2 * fwd, intra / hw.linear_flops
 
 
-def state_bytes(shape: OpShape) -> float:
+def linear_state_bytes(shape: OpShape) -> float:
     return shape.batch * shape.heads * shape.head_dim * shape.dv * shape.state_elem
 
 
@@ -253,7 +253,7 @@ def linear_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
     c_fwd, c_bwd, c_intra = linear_compute(shape, P, hw)
     if algorithm == "none" or P == 1:
         return OpCost(c_fwd, c_bwd, 0, 0, c_fwd, c_bwd, 0, 0)
-    S = state_bytes(shape)
+    S = linear_state_bytes(shape)
     if algorithm in ("lasp1", "zeco"):
         hops = (2 if layout == "zigzag" else 1) * (P - 1)
         blocks = 1 if algorithm == "lasp1" else num_blocks(shape.dv, zeco_blocks)
@@ -326,6 +326,7 @@ def mixer_cost(cfg, mixer: str, hw: Hardware, mask: Mask | None, elem: int) -> O
 @dataclass
 class ModelCounts:
     layer_weights: list[tuple[str, int]]  # (mixer, weights that multiply activations) of each layer
+    mixer_weights: list[int]  # those of each layer's token mixer (recomputed under mixer checkpointing)
     params: int
     model: LM  # on the meta device, for flops_per_token
     flops: dict[int, float] = field(default_factory=dict)  # training FLOPs per token by sequence length
@@ -347,7 +348,8 @@ def model_counts(cfg) -> ModelCounts:
             lm = LM(cfg.model)
         weights = [(mixer, sum(p.numel() for p in block.parameters() if p.dim() >= 2))
                    for mixer, block in zip(lm.mixers, lm.blocks)]
-        MODELS[key] = ModelCounts(weights, sum(p.numel() for p in lm.parameters()), lm)
+        mixer_weights = [sum(p.numel() for p in block.mixer.parameters() if p.dim() >= 2) for block in lm.blocks]
+        MODELS[key] = ModelCounts(weights, mixer_weights, sum(p.numel() for p in lm.parameters()), lm)
     return MODELS[key]
 
 
@@ -374,14 +376,15 @@ def step_cost(cfg, hw: Hardware, world: int, mask: Mask | None = None, elem: int
     ckpt = m.activation_checkpointing
     fwd = bwd = recompute = exposed = comm = 0.0
     counts = model_counts(cfg)
-    for mixer, weights in counts.layer_weights:
+    for (mixer, weights), mixer_weights in zip(counts.layer_weights, counts.mixer_weights):
         op = mixer_cost(cfg, mixer, hw, mask, elem)
         gemm = 2 * weights * tokens / hw.matmul_flops
         elementwise = ELEMENTWISE_BYTES * m.d_model * elem * tokens / hw.memory_bandwidth
         fwd += op.fwd_s + gemm + elementwise
         bwd += op.bwd_s + 2 * gemm + 2 * elementwise
         if ckpt:
-            recompute += op.fwd_s + (gemm + elementwise if m.checkpoint_mode == "block" else 0.0)
+            recompute += op.fwd_s + (gemm + elementwise if m.checkpoint_mode == "block" else
+                                     2 * mixer_weights * tokens / hw.matmul_flops)
         exposed += op.fwd_s - op.fwd_compute_s + op.bwd_s - op.bwd_compute_s
         comm += op.fwd_bytes * (2 if ckpt else 1) + op.bwd_bytes
     head = 2 * m.d_model * m.vocab_size * tokens / hw.matmul_flops

@@ -53,12 +53,13 @@ def parallel_choices(cfg: Config, sp: int) -> list[dict]:
     heads, kv = m.n_heads, m.n_kv_heads or m.n_heads
     has_linear = any(x in LINEAR_FAMILY for x in mixers)
     has_softmax = any(x not in LINEAR_FAMILY for x in mixers)
-    if sp == 1:
-        return [{"parallel.softmax_sp": "ring", "parallel.linear_sp": "lasp2", "parallel.layout": "contiguous"}]
-    softmax = [{"parallel.softmax_sp": a} for a in ("ring", "allgather")] if has_softmax else [{}]
+    if sp == 1:  # no SP: the algorithm keys stay as the config has them, ulysses_size must divide 1
+        return [{"parallel.ulysses_size": 1, "parallel.layout": "contiguous"}]
+    softmax = [{"parallel.softmax_sp": a, "parallel.ulysses_size": 1} for a in ("ring", "allgather")] \
+        if has_softmax else [{"parallel.ulysses_size": 1}]
     if has_softmax:
         if heads % sp == 0 and kv % sp == 0:
-            softmax.append({"parallel.softmax_sp": "ulysses"})
+            softmax.append({"parallel.softmax_sp": "ulysses", "parallel.ulysses_size": 1})
         softmax += [{"parallel.softmax_sp": "usp", "parallel.ulysses_size": u} for u in divisors(sp)
                     if 1 < u < sp and heads % u == 0 and kv % u == 0]
     linear = [{}]
@@ -147,10 +148,10 @@ def describe(plan: Plan) -> dict:
     """One table row."""
     o, c = plan.overrides, plan.cost
     sp = o["parallel.sp_size"]
-    softmax = o.get("parallel.softmax_sp", "-")
+    softmax = o.get("parallel.softmax_sp", "-") if sp > 1 else "-"
     if softmax == "usp":
         softmax = f"usp(U={o['parallel.ulysses_size']})"
-    linear = o.get("parallel.linear_sp", "-")
+    linear = o.get("parallel.linear_sp", "-") if sp > 1 else "-"
     if linear == "zeco":
         linear = f"zeco(K={o['parallel.zeco_blocks']})"
     ckpt = "off" if not o["model.activation_checkpointing"] else o["model.checkpoint_mode"]

@@ -127,9 +127,11 @@ def state_bytes(cfg: Config, world: int, elem: int, gpu: bool) -> dict[str, floa
     """Parameters, gradients and AdamW state per rank (FSDP2 shards them over all `world` ranks)."""
     n, block = num_params(cfg.model)
     shard = world if cfg.train.engine == "fsdp" and world > 1 else 1
+    # FSDP2 accumulates unsharded fp32 gradients over the micro-batches before the last (no reduce-scatter)
+    accumulated = 4 * n if shard > 1 and cfg.train.grad_accum > 1 else 0.0
     if not gpu:  # fp32, above the model and its AdamW state
-        return {"grads": 4 * n / shard}
-    out = {"params": 4 * n / shard, "grads+adam": 12 * n / shard}
+        return {"grads": 4 * n / shard + accumulated}
+    out = {"params": 4 * n / shard, "grads+adam": 12 * n / shard + accumulated}
     if shard > 1:  # bf16 root + two blocks gathered, one block's unsharded gradients before the reduce-scatter
         out["gathered"] = elem * (n - len(layer_mixers(cfg.model)) * block + 2 * block) + (elem + 4) * block
     elif elem < 4:  # autocast's low-precision weight copies, cached for the whole forward
