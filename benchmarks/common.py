@@ -1,13 +1,28 @@
 """Shared benchmark plumbing: timing a forward+backward on every rank, tables, plots."""
 import resource
+import time
 
 import argparse
 
 import torch
+import torch.distributed as dist
 
 from longtrain.parallel import comm
 from longtrain.parallel.spawn import run_distributed
 from longtrain.plan.calibrate import seconds
+
+
+def barrier_seconds(fn) -> float:
+    """Seconds from a barrier to the barrier after fn() on every rank (synchronized on CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dist.barrier()
+    return time.perf_counter() - start
 
 
 def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, float]:

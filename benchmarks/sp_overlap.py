@@ -11,24 +11,14 @@ a ring all-gather of P-1 (state + decay) shards.
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import plot, print_table  # noqa: E402
+from common import barrier_seconds, plot, print_table  # noqa: E402
 from longtrain.parallel import comm, sp_linear_attention  # noqa: E402
 from longtrain.parallel.spawn import run_distributed  # noqa: E402
-
-
-def timed(fn) -> float:
-    """Seconds from a barrier to the barrier after fn() on every rank."""
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def phase_times(algorithm: str, inputs: list, blocks: int, repeats: int) -> tuple[float, float]:
@@ -37,9 +27,9 @@ def phase_times(algorithm: str, inputs: list, blocks: int, repeats: int) -> tupl
     fwd, bwd = [], []
     for _ in range(repeats + 1):  # the first is a warm-up
         outs = []
-        fwd.append(timed(lambda: outs.append(sp_linear_attention(q, k, v, group=dist.group.WORLD, algorithm=algorithm,
+        fwd.append(barrier_seconds(lambda: outs.append(sp_linear_attention(q, k, v, group=dist.group.WORLD, algorithm=algorithm,
                                                                  log_decay=g, zeco_blocks=blocks))))
-        bwd.append(timed(lambda: outs[0].backward(dout)))
+        bwd.append(barrier_seconds(lambda: outs[0].backward(dout)))
     return sorted(fwd[1:])[repeats // 2], sorted(bwd[1:])[repeats // 2]
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import plot, print_table  # noqa: E402
+from common import barrier_seconds, plot, print_table  # noqa: E402
 from memory import mark, peak  # noqa: E402
 from longtrain.parallel import comm, document_gates, sequence_spans, shard_sequence  # noqa: E402
 from longtrain.parallel import sp_linear_attention, sp_softmax_attention  # noqa: E402
@@ -59,19 +59,6 @@ COLUMNS = ["family", "mask", "N", "P", "algorithm", "fwd_ms", "bwd_ms", "pred_fw
            "bwd_bytes", "pred_fwd_bytes", "pred_bwd_bytes", "peak_mb", "tokens_per_s"]
 TABLE = ["family", "mask", "N", "P", "algorithm", "fwd_ms", "bwd_ms", "pred_fwd_ms", "pred_bwd_ms", "MB/rank",
          "pred MB/rank", "peak_mb"]
-
-
-def timed(fn) -> float:
-    """Seconds from a barrier to the barrier after fn() on every rank (synchronized on CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def doc_lengths(mask: str, N: int, docs: int) -> list[int] | None:
@@ -114,8 +101,8 @@ def measure(call, dout: torch.Tensor, repeats: int, device: torch.device) -> dic
     fwd, bwd = [], []
     for _ in range(repeats + 1):  # the first is a warm-up
         outs = []
-        fwd.append(timed(lambda: outs.append(call())))
-        bwd.append(timed(lambda: outs[0].backward(dout)))
+        fwd.append(barrier_seconds(lambda: outs.append(call())))
+        bwd.append(barrier_seconds(lambda: outs[0].backward(dout)))
     dist.barrier()
     comm.reset_counters()
     if device.type == "cpu":

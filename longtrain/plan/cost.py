@@ -40,14 +40,11 @@ SP buffers below (sp_transient_bytes).
 import math
 from dataclasses import dataclass, field
 
-import torch
-from omegaconf import OmegaConf
-
 from longtrain.attention import LINEAR_FAMILY
 from longtrain.config import layer_mixers
 from longtrain.parallel.zeco import num_blocks
 from longtrain.plan.hardware import Hardware, Link
-from longtrain.trainer.memory_model import PER_CHANNEL_DECAY, step_memory
+from longtrain.trainer.memory_model import PER_CHANNEL_DECAY, meta_model, step_memory
 from longtrain.trainer.model import LM
 
 STATE_ELEM = 4  # float32 states, lse and gradient accumulators
@@ -337,15 +334,14 @@ class ModelCounts:
         return self.flops[seq]
 
 
-MODELS: dict[str, ModelCounts] = {}
+MODELS: dict[int, ModelCounts] = {}
 
 
 def model_counts(cfg) -> ModelCounts:
-    """The model's counts, from its LM built once per model config on the meta device (no memory)."""
-    key = repr(OmegaConf.to_object(cfg.model) if OmegaConf.is_config(cfg.model) else cfg.model)
+    """The model's counts, from memory_model's meta-device LM (built once per model config)."""
+    lm = meta_model(cfg.model)
+    key = id(lm)
     if key not in MODELS:
-        with torch.device("meta"):
-            lm = LM(cfg.model)
         weights = [(mixer, sum(p.numel() for p in block.parameters() if p.dim() >= 2))
                    for mixer, block in zip(lm.mixers, lm.blocks)]
         mixer_weights = [sum(p.numel() for p in block.mixer.parameters() if p.dim() >= 2) for block in lm.blocks]

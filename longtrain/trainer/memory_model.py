@@ -108,19 +108,27 @@ def loss_bytes(tokens: int, d: int, vocab: int, chunk: int, elem: int = 4) -> fl
     return elem * 3 * tokens * vocab
 
 
-PARAMS: dict[str, tuple[int, int]] = {}
+META_MODELS: dict[str, LM] = {}
+PARAMS: dict[int, tuple[int, int]] = {}
+
+
+def meta_model(cfg: ModelConfig) -> LM:
+    """longtrain.trainer.model.LM of a model config on the meta device (no memory), built once per config: the
+    planner asks thousands of times."""
+    key = repr(OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg)
+    if key not in META_MODELS:
+        with torch.device("meta"):
+            META_MODELS[key] = LM(cfg)
+    return META_MODELS[key]
 
 
 def num_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(all parameters, the largest block's) of longtrain.trainer.model.LM, built on the meta device once per model
-    (the planner asks thousands of times)."""
-    key = OmegaConf.to_yaml(cfg) if OmegaConf.is_config(cfg) else repr(cfg)
-    if key not in PARAMS:
-        with torch.device("meta"):
-            lm = LM(cfg)
+    """(all parameters, the largest block's) of the model."""
+    lm = meta_model(cfg)
+    if id(lm) not in PARAMS:
         block = max(sum(p.numel() for p in b.parameters()) for b in lm.blocks)
-        PARAMS[key] = sum(p.numel() for p in lm.parameters()), block
-    return PARAMS[key]
+        PARAMS[id(lm)] = sum(p.numel() for p in lm.parameters()), block
+    return PARAMS[id(lm)]
 
 
 def state_bytes(cfg: Config, world: int, elem: int, gpu: bool) -> dict[str, float]:
