@@ -13,8 +13,9 @@ longtrain.plan.cost's prediction of time and bytes. Ring gets doc_spans from the
 algorithms doc_gates computed before the timing, as a trainer passes them once per step.
 
 Hardware profile: each world of P ranks first measures what its ranks achieve together (calibrate.py's GEMM,
-attention per block length, chunked linear attention, copy bandwidth). Messages between processes on one machine
-are nearly free, so every rank then delays its messages as a link of --latency-ms and --gbps GB/s would
+attention per block length, chunked linear attention, copy bandwidth, each algorithm's fixed time per step from
+a tiny op: calibrate.step_overheads). Messages between processes on one machine are nearly free, so every rank
+then delays its messages as a link of --latency-ms and --gbps GB/s would
 (comm.set_link), and the profile's intra links are the measured ones in series with that link. The default,
 0.2 ms and 0.5 GB/s, makes one K/V hop of the default sizes 1-4 ms: visible beside the compute, not dominant.
 With --gbps 0 (the default under torchrun on GPUs) nothing is delayed and the links are measured
@@ -22,6 +23,7 @@ With --gbps 0 (the default under torchrun on GPUs) nothing is delayed and the li
 
 Validation: within each (family, mask, N, P) group, every algorithm's fwd+bwd time over the group's fastest,
 measured vs predicted; the predicted ranking and fastest against the measured (predictions within 5% tie).
+--repeat-of CSV scores an earlier run's measured times the same way: how well a measurement predicts itself.
 Writes <out>.csv, <out>.md (table and validation), <out>_{throughput,bytes,memory}_{softmax,linear}.png (causal
 mask, per algorithm and P) and <out>_predicted.png (measured vs predicted ms, with y = x).
     python benchmarks/sp_suite.py                                 # CPU, gloo, fp32: N 1024 2048, P 2 4, H=4, D=64
@@ -45,7 +47,7 @@ from longtrain.parallel import comm, document_gates, sequence_spans, shard_seque
 from longtrain.parallel import sp_linear_attention, sp_softmax_attention  # noqa: E402
 from longtrain.parallel.spawn import run_distributed  # noqa: E402
 from longtrain.plan.calibrate import attention_flops, linear_flops, matmul_flops, memory_bandwidth  # noqa: E402
-from longtrain.plan.calibrate import collective_links, to_profile  # noqa: E402
+from longtrain.plan.calibrate import collective_links, step_overheads, to_profile  # noqa: E402
 from longtrain.plan.cost import Mask, OpShape, linear_op_cost, softmax_op_cost  # noqa: E402
 from longtrain.plan.hardware import Hardware, Link, load_profile  # noqa: E402
 
@@ -89,10 +91,12 @@ def profile(world: int, device: torch.device, dtype: torch.dtype, args: argparse
                 "memory_bandwidth": memory_bandwidth(device), "memory": 0.0}
     hw = to_profile(measured, load_profile("h100-nvlink-ib"), world, True, "suite")
     hw.intra = collective_links(device)
+    hw.gpus_per_node = max(hw.gpus_per_node, world)
+    hw.step_overhead = step_overheads(hw, device, dtype, args.heads, args.head_dim, args.layout, args.ulysses,
+                                      args.zeco_blocks)
     if args.gbps:
         hw.intra = {kind: Link(link.latency + args.latency_ms * 1e-3, 1 / (1 / link.bandwidth + 1 / (args.gbps * 1e9)))
                     for kind, link in hw.intra.items()}
-    hw.gpus_per_node = max(hw.gpus_per_node, world)
     return hw
 
 
@@ -270,6 +274,10 @@ def write(rows: list[dict], args: argparse.Namespace, header: str) -> None:
     print(summary)
     ratio_table = print_table(ratios, ["family", "mask", "N", "P", "algorithm", "measured ratio", "predicted ratio",
                                        "within 25%"])
+    if args.repeat_of:
+        _, floor = validation(as_predicted(rows, args.repeat_of))
+        summary += f"\n\n**Noise floor** (the same scores with {args.repeat_of}'s measured times as the prediction): {floor}"
+        print(floor)
     with open(f"{args.out}.md", "w") as f:
         f.write(f"{header}\n\n{table}\n\n**Validation**: {summary}\n\n{ratio_table}\n")
     for family in ("softmax", "linear"):
@@ -282,6 +290,18 @@ def write(rows: list[dict], args: argparse.Namespace, header: str) -> None:
         plot(causal, "N", "peak_mb", ["algorithm", "P"], f"{args.out}_memory_{family}.png",
              f"{family} family, causal: peak MB per rank (fwd+bwd)")
     scatter(rows, f"{args.out}_predicted.png")
+
+
+def as_predicted(rows: list[dict], path: str) -> list[dict]:
+    """rows with an earlier run's measured times (its CSV) as their predictions: what validation scores when
+    the 'model' is a repeat of the measurement."""
+    def key(r):
+        return tuple(str(r[c]) for c in ("family", "mask", "N", "P", "algorithm"))
+
+    with open(path) as f:
+        before = {key(r): r for r in csv.DictReader(f)}
+    return [dict(r, pred_fwd_ms=float(before[key(r)]["fwd_ms"]), pred_bwd_ms=float(before[key(r)]["bwd_ms"]))
+            for r in rows]
 
 
 def link_text(args: argparse.Namespace) -> str:
@@ -311,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "0 under torchrun on GPUs)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/sp_suite", help="output prefix")
+    p.add_argument("--repeat-of", help="an earlier run's CSV of the same rows: also score it as the prediction "
+                                       "(the validation's noise floor)")
     args = p.parse_args(argv)
     full = dict(n=[8192, 16384, 32768, 65536], heads=16, head_dim=128)
     quick = dict(n=[1024, 2048], heads=4, head_dim=64)

@@ -72,6 +72,21 @@ def test_scan_pipelines_blocks():
     assert zig.fwd_bytes == 2 * lasp1.fwd_bytes  # 0..P-1 and back: 2(P-1) hops
 
 
+def test_step_overhead_counts_each_algorithms_steps():
+    """The profile's fixed time per step adds steps x (forward, backward): ring P, usp P/U, a chain its hops."""
+    shape = OpShape(batch=1, seq=64, heads=4, kv_heads=4, head_dim=2)
+    plain, hw = slow_link_hardware(), slow_link_hardware()
+    hw.step_overhead = {alg: (1.0, 3.0) for alg in ("ring", "allgather", "ulysses", "usp", "lasp1", "lasp2", "zeco")}
+    for alg, steps in (("ring", 4), ("allgather", 1), ("ulysses", 1), ("usp", 2)):
+        base, more = (softmax_op_cost(alg, shape, 4, h, Mask(), "zigzag", ulysses=2) for h in (plain, hw))
+        assert (more.fwd_s - base.fwd_s, more.bwd_s - base.bwd_s) == pytest.approx((steps, 3 * steps)), alg
+    for alg, layout, steps in (("lasp1", "zigzag", 6), ("zeco", "contiguous", 3), ("lasp2", "zigzag", 1)):
+        base, more = (linear_op_cost(alg, shape, 4, h, layout, zeco_blocks=2) for h in (plain, hw))
+        assert (more.fwd_s - base.fwd_s, more.bwd_s - base.bwd_s) == pytest.approx((steps, 3 * steps)), alg
+    assert linear_op_cost("lasp1", shape, 1, hw).fwd_s == linear_op_cost("lasp1", shape, 1, plain).fwd_s
+    assert from_dict(to_dict(hw)).step_overhead["zeco"] == pytest.approx((1.0, 3.0))
+
+
 def test_chain_crosses_nodes_only_at_boundaries():
     hw = slow_link_hardware(latency=1.0, bandwidth=1e30, gpus_per_node=2)  # inter-node latency 10
     shape = OpShape(batch=1, seq=64, heads=1, kv_heads=1, head_dim=2)
@@ -210,6 +225,8 @@ def test_calibrate_writes_a_loadable_profile(tmp_path):
     hw = load_profile(str(out))
     assert hw.matmul_flops > 0 and hw.attention_flops(200, False) > 0 and hw.linear_flops > 0
     assert all(link.bandwidth > 0 for link in hw.intra.values())
+    assert set(hw.step_overhead) == {"ring", "allgather", "ulysses", "usp", "lasp1", "lasp2", "zeco"}
+    assert all(f >= 0 and b >= 0 for f, b in hw.step_overhead.values())
 
 
 def test_plan_cli_rejects_bad_sizes_in_one_line(capsys):

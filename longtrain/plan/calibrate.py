@@ -3,7 +3,8 @@
 Every rank runs the same measurements at once (as in training, ranks share the node): GEMM FLOP/s, the
 attention kernels' forward and backward FLOP/s per sequence length, chunked linear attention FLOP/s, and for
 each collective of parallel/comm.py (so an emulated link, comm.set_link, is measured too) the median time per
-message size, fitted to t = alpha + bytes / beta per hop (hardware.py's model). Under torchrun the ranks are
+message size, fitted to t = alpha + bytes / beta per hop (hardware.py's model), and each SP algorithm's fixed
+time per step (a tiny op's measured time beyond what FLOPs and bytes explain). Under torchrun the ranks are
 the launched ones (NCCL on GPUs); otherwise `--nproc` local gloo processes. The measured level (`intra` when
 all ranks share a node, else `inter`) replaces the base profile's; the rest of the base profile stays.
 """
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from longtrain.kernels import get_backend
-from longtrain.parallel import comm
+from longtrain.parallel import comm, sp_linear_attention, sp_softmax_attention
+from longtrain.plan.cost import Mask, OpShape, linear_op_cost, softmax_op_cost, sp_steps
 from longtrain.plan.hardware import Hardware, Link, load_profile
 
 SIZES = [2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22]  # message bytes for the collectives
@@ -33,7 +35,7 @@ def seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn, device: torch.device, repeats: int = 5) -> float:
+def timed(fn, device: torch.device, repeats: int = 9) -> float:
     """Median seconds of fn() after one warm-up, all ranks starting together."""
     fn()
     times = []
@@ -88,10 +90,14 @@ def linear_flops(device: torch.device, dtype: torch.dtype, n: int, heads: int = 
 
 
 def fit(points: list[tuple[float, float]]) -> Link:
-    """Least-squares latency and bandwidth of t = alpha + x / beta over (x bytes, t seconds) points."""
-    xs, ts = [x for x, _ in points], [t for _, t in points]
-    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    slope = sum((x - mx) * (t - mt) for x, t in points) / sum((x - mx) ** 2 for x in xs)
+    """Latency and bandwidth of t = alpha + x / beta over (x bytes, t seconds) points, least squares in relative
+    error (weights 1/t^2): the small messages set alpha, the large ones beta, whatever their scale."""
+    ws = [1 / t ** 2 for _, t in points]
+    total = sum(ws)
+    mx = sum(w * x for w, (x, _) in zip(ws, points)) / total
+    mt = sum(w * t for w, (_, t) in zip(ws, points)) / total
+    slope = sum(w * (x - mx) * (t - mt) for w, (x, t) in zip(ws, points)) / \
+        sum(w * (x - mx) ** 2 for w, (x, _) in zip(ws, points))
     slope = max(slope, 1e-15)
     return Link(max(mt - slope * mx, 0.0), 1 / slope)
 
@@ -114,8 +120,42 @@ def collective_links(device: torch.device) -> dict[str, Link]:
     return {kind: fit(p) for kind, p in points.items()}
 
 
-def measure(rank: int, world: int, lengths: list[int], linear_n: int) -> dict:
-    """Everything this rank measures, as plain numbers."""
+SOFTMAX_SP = ("ring", "allgather", "ulysses", "usp")
+LINEAR_SP = ("lasp1", "lasp2", "zeco")
+
+
+def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads: int = 4, dim: int = 64,
+                   layout: str = "zigzag", ulysses: int = 2, zeco_blocks: int = 4, chunk: int = 64
+                   ) -> dict[str, tuple[float, float]]:
+    """(forward, backward) seconds per step of each SP algorithm's fixed cost: one tiny op (two chunks per rank)
+    timed on the world group, less what cost.py predicts for it from hw's FLOP/s and links, over its steps."""
+    group, P = dist.group.WORLD, dist.get_world_size()
+    N, U = 2 * P * chunk, min(ulysses, P)
+    shape = OpShape(1, N, heads, heads, dim, chunk=chunk, per_channel_decay=True, elem=torch.finfo(dtype).bits // 8)
+    q, k, v, dout = (torch.randn(1, heads, N // P, dim, device=device, dtype=dtype, requires_grad=True)
+                     for _ in range(4))
+    g = (-torch.rand(1, heads, N // P, dim, device=device) * 0.1).requires_grad_()
+    calls = {alg: (lambda alg=alg: sp_softmax_attention(q, k, v, group=group, algorithm=alg, layout=layout,
+                                                       ulysses_size=U, return_lse=False)[0])
+             for alg in SOFTMAX_SP if heads % (P if alg == "ulysses" else U) == 0 and P % U == 0}
+    calls.update({alg: (lambda alg=alg: sp_linear_attention(q, k, v, group=group, algorithm=alg, log_decay=g,
+                                                            layout=layout, zeco_blocks=zeco_blocks))
+                  for alg in LINEAR_SP})
+    hw = Hardware(**{**hw.__dict__, "step_overhead": {}})
+    out = {}
+    for alg, call in calls.items():
+        fwd = timed(call, device, repeats=21)
+        bwd = max(timed(lambda: call().backward(dout), device, repeats=21) - fwd, 0.0)
+        cost = (softmax_op_cost(alg, shape, P, hw, Mask(), layout, U) if alg in SOFTMAX_SP else
+                linear_op_cost(alg, shape, P, hw, layout, zeco_blocks))
+        steps = sp_steps(alg, P, layout, U)
+        out[alg] = (max(fwd - cost.fwd_s, 0.0) / steps, max(bwd - cost.bwd_s, 0.0) / steps)
+    return out
+
+
+def measure(rank: int, world: int, lengths: list[int], linear_n: int, base: str = "h100-nvlink-ib",
+            same_node: bool = True) -> dict:
+    """Everything this rank measures, as plain numbers (base and same_node: the profile the overheads subtract)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fwd, bwd = attention_flops(device, dtype, lengths)
@@ -125,6 +165,8 @@ def measure(rank: int, world: int, lengths: list[int], linear_n: int) -> dict:
            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / world}
     if world > 1:
         out["links"] = {k: (v.latency, v.bandwidth) for k, v in collective_links(device).items()}
+        out["step_overhead"] = step_overheads(to_profile(out, load_profile(base), world, same_node, "measured"),
+                                              device, dtype)
     return out
 
 
@@ -140,6 +182,7 @@ def to_profile(measured: dict, base: Hardware, world: int, same_node: bool, name
             hw.intra, hw.gpus_per_node = links, max(base.gpus_per_node, world)
         else:
             hw.inter = links
+    hw.step_overhead = measured.get("step_overhead", base.step_overhead)
     return hw
 
 
@@ -151,11 +194,11 @@ def calibrate(nproc: int, base: str, name: str, lengths: list[int], linear_n: in
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         world = dist.get_world_size()
-        measured = measure(dist.get_rank(), world, lengths, linear_n)
         same_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+        measured = measure(dist.get_rank(), world, lengths, linear_n, base, same_node)
     elif nproc > 1:
         from longtrain.parallel.spawn import run_distributed
-        measured, world, same_node = run_distributed(measure, nproc, lengths, linear_n)[0], nproc, True
+        measured, world, same_node = run_distributed(measure, nproc, lengths, linear_n, base)[0], nproc, True
     else:
         measured, world, same_node = measure(0, 1, lengths, linear_n), 1, True
     return to_profile(measured, load_profile(base), world, same_node, name)

@@ -26,6 +26,8 @@ Communication per op and rank (bytes sent; forward / backward) and its time:
              the intra-chunk products: T = c + max(0, t_ag - c_intra)
   zeco       as lasp1 in K blocks forwarded on arrival: t_scan = sum_h t_h(S/K) + (K-1) max_h t_h(S/K),
              overlapped with the intra-chunk products: T = c + max(0, t_scan - c_intra)
+Every op adds its fixed software cost: steps x the profile's step_overhead of the algorithm (host work, calls,
+launches; measured by `longtrain calibrate`), steps = P for ring, P/U for usp, hops for lasp1/zeco, else 1.
 A message crosses nodes when the SP group spans nodes (ranks of a group are consecutive): a ring then runs at the
 inter-node speed; a chain pays inter-node time only on the hops that cross a node boundary.
 
@@ -38,7 +40,7 @@ and the AdamW update (memory-bound). Memory per GPU is trainer.memory_model.step
 SP buffers below (sp_transient_bytes).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from longtrain.attention import LINEAR_FAMILY
 from longtrain.config import layer_mixers
@@ -205,14 +207,33 @@ def softmax_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, mask: 
         c_fwd, c_bwd = softmax_compute(shape, 1, mask, layout, hw, shape.seq)
         return OpCost(c_fwd, c_bwd, 0, 0, c_fwd, c_bwd, 0, 0)
     if algorithm == "ring":
-        return ring_cost(shape, P, mask, layout, hw)
-    if algorithm == "allgather":
-        return allgather_cost(shape, P, mask, layout, hw)
-    if algorithm == "ulysses":
-        return ulysses_cost(shape, P, mask, hw)
+        cost = ring_cost(shape, P, mask, layout, hw)
+    elif algorithm == "allgather":
+        cost = allgather_cost(shape, P, mask, layout, hw)
+    elif algorithm == "ulysses":
+        cost = ulysses_cost(shape, P, mask, hw)
+    elif algorithm == "usp":
+        cost = usp_cost(shape, P, ulysses, mask, layout, hw)
+    else:
+        raise ValueError(f"unknown softmax SP algorithm {algorithm!r}")
+    return with_overhead(cost, hw, algorithm, sp_steps(algorithm, P, layout, ulysses))
+
+
+def sp_steps(algorithm: str, P: int, layout: str = "zigzag", ulysses: int = 1) -> int:
+    """Steps of an SP op that each pay the algorithm's fixed overhead: ring steps, chain hops, or one round."""
+    if algorithm == "ring":
+        return P
     if algorithm == "usp":
-        return usp_cost(shape, P, ulysses, mask, layout, hw)
-    raise ValueError(f"unknown softmax SP algorithm {algorithm!r}")
+        return P // ulysses
+    if algorithm in ("lasp1", "zeco"):
+        return (2 if layout == "zigzag" else 1) * (P - 1)
+    return 1
+
+
+def with_overhead(cost: OpCost, hw: Hardware, algorithm: str, steps: int) -> OpCost:
+    """cost plus `steps` times the profile's fixed per-step time of `algorithm`."""
+    fwd, bwd = hw.step_overhead.get(algorithm, (0.0, 0.0))
+    return replace(cost, fwd_s=cost.fwd_s + steps * fwd, bwd_s=cost.bwd_s + steps * bwd)
 
 
 def linear_compute(shape: OpShape, P: int, hw: Hardware) -> tuple[float, float, float]:
@@ -243,7 +264,15 @@ def scan_time(links: list[Link], message: float, blocks: int) -> float:
 
 def linear_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout: str = "zigzag",
                    zeco_blocks: int | None = None) -> OpCost:
-    """One linear-family attention op per rank under `algorithm` (lasp1, lasp2, zeco, ulysses, none).
+    """One linear-family attention op per rank under `algorithm` (lasp1, lasp2, zeco, ulysses, none), fixed
+    per-step overhead included."""
+    cost = linear_op_time(algorithm, shape, P, hw, layout, zeco_blocks)
+    return cost if algorithm == "none" or P == 1 else with_overhead(cost, hw, algorithm, sp_steps(algorithm, P, layout))
+
+
+def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout: str, zeco_blocks: int | None
+                   ) -> OpCost:
+    """linear_op_cost without the fixed overhead.
 
     Bytes are the mean per rank; a chain's hops are 2(P-1) with zigzag (0..P-1 and back), P-1 contiguous.
     """

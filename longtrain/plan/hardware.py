@@ -4,12 +4,13 @@ A profile is a YAML file: the shipped ones (longtrain/plan/profiles/*.yaml) or o
 Every figure is what a kernel or collective *achieves* (not the data-sheet peak, kept apart for MFU). Links are
 given per level (`intra`: within a node, `inter`: across nodes) and per kind (p2p, all_gather, reduce_scatter,
 all_to_all) as `[latency_us, GB/s]`, where GB/s is the bus bandwidth: a ring collective over P ranks moving
-P - 1 shards of s bytes takes (P - 1) (latency + s / bandwidth).
+P - 1 shards of s bytes takes (P - 1) (latency + s / bandwidth). `step_overhead_us` (optional) gives each SP
+algorithm's fixed time per step as `[forward_us, backward_us]`.
 """
 import bisect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
@@ -39,6 +40,9 @@ class Hardware:
     memory_bandwidth: float  # bytes per second, for elementwise work and the optimizer
     intra: dict[str, Link]
     inter: dict[str, Link]
+    # seconds per step of each SP algorithm (forward, backward) beside its FLOPs and bytes: host work, launches
+    # and calls, measured by `longtrain calibrate` (cost.sp_steps counts the steps; absent: 0)
+    step_overhead: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def link(self, kind: str, inter_node: bool) -> Link:
         return (self.inter if inter_node else self.intra)[kind]
@@ -90,7 +94,8 @@ def from_dict(raw: dict, source: str = "profile") -> Hardware:
                     attention_fwd={int(n): f * 1e12 for n, f in get("attention_fwd_tflops").items()},
                     attention_bwd={int(n): f * 1e12 for n, f in get("attention_bwd_tflops").items()},
                     linear_flops=get("linear_tflops") * 1e12, memory_bandwidth=get("memory_gbs") * 1e9,
-                    intra=links("intra"), inter=links("inter"))
+                    intra=links("intra"), inter=links("inter"),
+                    step_overhead={alg: (f * 1e-6, b * 1e-6) for alg, (f, b) in raw.get("step_overhead_us", {}).items()})
 
 
 def to_dict(hw: Hardware) -> dict:
@@ -103,4 +108,5 @@ def to_dict(hw: Hardware) -> dict:
             "attention_fwd_tflops": {n: round(f / 1e12, 4) for n, f in hw.attention_fwd.items()},
             "attention_bwd_tflops": {n: round(f / 1e12, 4) for n, f in hw.attention_bwd.items()},
             "linear_tflops": round(hw.linear_flops / 1e12, 4), "memory_gbs": round(hw.memory_bandwidth / 1e9, 2),
-            "intra": links(hw.intra), "inter": links(hw.inter)}
+            "intra": links(hw.intra), "inter": links(hw.inter),
+            "step_overhead_us": {alg: [round(f * 1e6, 2), round(b * 1e6, 2)] for alg, (f, b) in hw.step_overhead.items()}}
