@@ -99,7 +99,7 @@ def assert_flash_matches_reference(q, k, v, **opts):
 
 def test_doc_ranges_match_brute_force():
     """Each query's span is exactly the keys of its document (and the reverse), also for documents that
-    the other array lacks (a ring block); ids that decrease along a row give None (the masked fallback)."""
+    the other array lacks (a ring block); a row whose ids decrease gets -1 spans (the masked fallback)."""
     from longtrain.kernels.flash_attn import doc_ranges
     seg = packed(2, 120, starts=(7, 8, 50, 90), seed=3)
     for q_seg, k_seg in [(seg, seg), (seg[:, 60:], seg[:, :70]), (seg[:, :30], seg[:, 40:])]:
@@ -109,26 +109,31 @@ def test_doc_ranges_match_brute_force():
                 for i, doc in enumerate(ids[b].tolist()):
                     same = (other[b] == doc).nonzero().flatten().tolist()
                     assert list(range(spans[b, 0, i], spans[b, 1, i])) == same
-    reused = torch.tensor([[0, 0, 1, 1, 0, 0]], device=DEVICE)
-    assert doc_ranges(reused, reused) is None
+    mixed = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 0, 0]], device=DEVICE)  # row 1 reuses id 0
+    q_spans, k_spans = doc_ranges(mixed, mixed)
+    assert (q_spans[1] == -1).all() and (k_spans[1] == -1).all()
+    assert q_spans[0].tolist() == [[0, 0, 2, 2, 4, 4], [2, 2, 4, 4, 6, 6]]
 
 
 DOC_CASES = [dict(), dict(causal=False), dict(window=50), dict(q_start=64, k_start=0, nk=320),
              dict(q_start=192, k_start=0, n=192, causal=False), dict(q_start=0, k_start=64, nk=192),
-             dict(reused_ids=True)]
+             dict(reused_ids="all"), dict(reused_ids="row 1")]
 
 
 @pytest.mark.parametrize("case", DOC_CASES, ids=str)
 def test_flash_attention_with_packed_documents(case):
     """Documents of 1-86 tokens against the interpreter's 64-token tiles, GQA: skipped tiles, one-document
     tiles without a mask, and ring blocks (q_start != k_start) whose queries' documents the keys may lack; reused_ids
-    (ids not sorted) runs the fallback that masks every tile."""
+    (ids not sorted, in every row or in row 1 only) runs the fallback that masks every tile of those rows."""
     case = dict(case)
     n, q_start, k_start = case.pop("n", 256), case.get("q_start", 0), case.get("k_start", 0)
     nk = case.pop("nk", n)
     seg = packed(2, max(q_start + n, k_start + nk), starts=(29, 64, 150, 151, 200, 240))
-    if case.pop("reused_ids", False):
+    reused = case.pop("reused_ids", None)
+    if reused == "all":
         seg = seg % 2
+    elif reused == "row 1":
+        seg[1] = seg[1] % 2
     q = rand(2, 2, n, 16, seed=1)
     k, v = rand(2, 1, nk, 16, seed=2), rand(2, 1, nk, 16, seed=3)
     assert_flash_matches_reference(q, k, v, scale=0.3, q_seg=seg[:, q_start:q_start + n],

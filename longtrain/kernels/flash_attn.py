@@ -4,10 +4,10 @@ Same signatures as reference.attention_forward / attention_backward: global offs
 (a ring block is a rectangle of the global causal mask), sliding window, segment ids, GQA without
 repeating K/V, any head dim up to 256, fp32 accumulation. Only the key (or query) tiles that the
 causal/window mask and the documents leave visible are visited, and only tiles on a mask edge compute
-the mask. Documents: when ids never decrease along a row (packed documents), the host finds each
-query's key span and each key's query span (doc_ranges: a binary search per position, whatever the tile
-size); a kernel reads them at its tile's first and last row, skips tiles outside them and runs tiles
-inside one document unmasked. Other ids fall back to masking every visited tile. Softmax runs in base 2
+the mask. Documents: doc_ranges finds each query's key span and each key's query span (a binary search
+per position on the device, no host sync, whatever the tile size); a kernel reads them at its tile's first
+and last row, skips tiles outside them and runs tiles inside one document unmasked. A batch row whose ids
+decrease somewhere (not packed documents) falls back to masking every visited tile. Softmax runs in base 2
 with log2(e) folded into the scale. On a GPU the autotuner picks tile sizes, warps and pipeline stages
 per shape; the interpreter runs one small config. kind="sigmoid" runs sigmoid attention in the same kernels.
 """
@@ -23,7 +23,7 @@ from longtrain.kernels.reference import acc_dtype
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-TUNE_KEY = ["Nq", "Nk", "D", "CAUSAL", "WINDOW", "HAS_SEG", "DOC_RANGES", "SIGMOID"]
+TUNE_KEY = ["Nq", "Nk", "D", "CAUSAL", "WINDOW", "HAS_SEG", "SIGMOID"]
 # (BLOCK_M, BLOCK_N, warps, stages) candidates; BLOCK_M is the query tile, BLOCK_N the key tile
 FWD_BLOCKS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2)]
 DKDV_BLOCKS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
@@ -58,14 +58,16 @@ def _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, qseg_ptr, kseg_ptr, b,
 @triton.jit
 def _doc_bounds(lo, full_lo, full_hi, hi, DOC, b, N, first, last, BLOCK: tl.constexpr):
     """Intersect [lo, hi) with the document span of rows first..last (DOC [B, 2, N]: each row's span in the
-    other array); the interior [full_lo, full_hi) keeps only tiles inside one document's span."""
+    other array); the interior [full_lo, full_hi) keeps only tiles inside one document's span. A batch row
+    whose ids are not packed has spans -1: its range stays and every tile of it is masked."""
     first_lo = tl.load(DOC + b * 2 * N + first)
     first_hi = tl.load(DOC + b * 2 * N + N + first)
     last_lo = tl.load(DOC + b * 2 * N + last)
     last_hi = tl.load(DOC + b * 2 * N + N + last)
-    one_doc = (first_lo == last_lo) & (first_hi == last_hi)
-    lo = tl.maximum(lo, (first_lo // BLOCK) * BLOCK)
-    hi = tl.minimum(hi, last_hi)
+    packed = first_lo >= 0
+    one_doc = packed & (first_lo == last_lo) & (first_hi == last_hi)
+    lo = tl.where(packed, tl.maximum(lo, (first_lo // BLOCK) * BLOCK), lo)
+    hi = tl.where(packed, tl.minimum(hi, last_hi), hi)
     full_lo = tl.maximum(full_lo, tl.where(one_doc, tl.cdiv(first_lo, BLOCK) * BLOCK, hi))
     full_hi = tl.minimum(full_hi, tl.where(one_doc, (first_hi // BLOCK) * BLOCK, 0))
     return lo, full_lo, full_hi, hi
@@ -73,10 +75,10 @@ def _doc_bounds(lo, full_lo, full_hi, hi, DOC, b, N, first, last, BLOCK: tl.cons
 
 @triton.jit
 def _key_ranges(m_lo, m_hi, q_start, k_start, Nq, Nk, QDOC, b, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
     """Key tiles that queries [m_lo, m_hi) may see, [lo, hi), and the interior [full_lo, full_hi) of tiles
-    every one of those queries sees whole (no mask needed); all starts aligned to BLOCK. With DOC_RANGES,
-    tiles outside the queries' documents are skipped; without, documents mask every tile."""
+    every one of those queries sees whole (no mask needed); all starts aligned to BLOCK. With segment ids,
+    tiles outside the queries' documents are skipped (rows whose ids are not packed mask every tile)."""
     lo = 0
     hi = Nk
     full_lo = 0
@@ -87,11 +89,9 @@ def _key_ranges(m_lo, m_hi, q_start, k_start, Nq, Nk, QDOC, b, CAUSAL: tl.conste
     if WINDOW > 0:
         lo = (tl.maximum(0, q_start + m_lo - WINDOW + 1 - k_start) // BLOCK) * BLOCK
         full_lo = tl.cdiv(tl.maximum(0, q_start + m_hi - WINDOW - k_start), BLOCK) * BLOCK
-    if DOC_RANGES:
+    if HAS_SEG:
         lo, full_lo, full_hi, hi = _doc_bounds(lo, full_lo, full_hi, hi, QDOC, b, Nq, m_lo,
                                                tl.minimum(m_hi, Nq) - 1, BLOCK)
-    elif HAS_SEG:
-        full_lo = hi
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
     return lo, full_lo, full_hi, hi
@@ -99,7 +99,7 @@ def _key_ranges(m_lo, m_hi, q_start, k_start, Nq, Nk, QDOC, b, CAUSAL: tl.conste
 
 @triton.jit
 def _query_ranges(n_lo, n_hi, q_start, k_start, Nq, Nk, KDOC, b, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                  HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
     """Query tiles that may see keys [n_lo, n_hi), [lo, hi), and the interior [full_lo, full_hi) of tiles
     that see all of those keys; rows past Nq or keys past Nk add nothing to dK, dV, so need no mask.
     Documents as in _key_ranges."""
@@ -113,11 +113,9 @@ def _query_ranges(n_lo, n_hi, q_start, k_start, Nq, Nk, KDOC, b, CAUSAL: tl.cons
     if WINDOW > 0:
         hi = tl.minimum(Nq, tl.maximum(0, k_start + n_hi + WINDOW - 1 - q_start))
         full_hi = (tl.maximum(0, k_start + n_lo + WINDOW - q_start) // BLOCK) * BLOCK
-    if DOC_RANGES:
+    if HAS_SEG:
         lo, full_lo, full_hi, hi = _doc_bounds(lo, full_lo, full_hi, hi, KDOC, b, Nk, n_lo,
                                                tl.minimum(n_hi, Nk) - 1, BLOCK)
-    elif HAS_SEG:
-        full_lo = hi
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
     return lo, full_lo, full_hi, hi
@@ -159,7 +157,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, offs_m, offs_d, d_ok, q
 @triton.jit
 def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q_start, k_start, Nq, Nk, Hq, G, D,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
                 SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -181,7 +179,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q
     K = K + b * skb + hk * skh
     V = V + b * svb + hk * svh
     lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nq, Nk,
-                                           QDOC, b, CAUSAL, WINDOW, HAS_SEG, DOC_RANGES, BLOCK_N)
+                                           QDOC, b, CAUSAL, WINDOW, HAS_SEG, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, full_lo, offs_m, offs_d, d_ok, qk_scale,
                                sig_bias, q_start, k_start, Nq, Nk, QSEG, KSEG, b, True, CAUSAL, WINDOW, HAS_SEG,
                                SIGMOID, PREC, BLOCK_N)
@@ -254,7 +252,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdn, lo, hi, offs_n, offs_
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q_start, k_start,
                      Nq, Nk, Hkv, G, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
                      SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """dK, dV of one key tile, summed over the G query heads that share it and every visible query tile."""
@@ -271,7 +269,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, QDOC, KDOC, sm
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _query_ranges(pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, q_start, k_start, Nq, Nk,
-                                             KDOC, b, CAUSAL, WINDOW, HAS_SEG, DOC_RANGES, BLOCK_M)
+                                             KDOC, b, CAUSAL, WINDOW, HAS_SEG, BLOCK_M)
     for g in range(G):
         h = hk * G + g
         q_h = Q + b * sqb + h * sqh
@@ -314,7 +312,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, hi, offs_m, offs_d, d_
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q_start, k_start,
                    Nq, Nk, Hq, G, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr, DOC_RANGES: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SEG: tl.constexpr,
                    SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """dQ of one query tile over every visible key tile."""
@@ -334,7 +332,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, QDOC, KDOC, sm_scale
     lse2, delta = _row_stats(LSE + bh * Nq, DELTA + bh * Nq, offs_m, m_ok, SIGMOID)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _key_ranges(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_start, k_start, Nq, Nk,
-                                           QDOC, b, CAUSAL, WINDOW, HAS_SEG, DOC_RANGES, BLOCK_N)
+                                           QDOC, b, CAUSAL, WINDOW, HAS_SEG, BLOCK_N)
     K = K + b * skb + hk * skh
     V = V + b * svb + hk * svh
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, full_lo, offs_m, offs_d, d_ok, sm_scale, sig_bias,
@@ -357,17 +355,18 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, q_seg: Tensor | None, k_seg: Tenso
     return q, k, v, _segment_args(q, q_seg, k_seg)
 
 
-def doc_ranges(q_seg: Tensor, k_seg: Tensor) -> tuple[Tensor, Tensor] | None:
+def doc_ranges(q_seg: Tensor, k_seg: Tensor) -> tuple[Tensor, Tensor]:
     """Per query, the span [start, end) of the keys of its document; per key, that of its document's queries:
-    int32 [B, 2, Nq] and [B, 2, Nk] by binary search. None unless ids never decrease along a row (packing)."""
-    if not (_non_decreasing(q_seg) and _non_decreasing(k_seg)):
-        return None
+    int32 [B, 2, Nq] and [B, 2, Nk] by binary search, on the device (no host sync). A batch row whose ids
+    decrease somewhere (not packing) gets -1 throughout: the kernels mask its every tile instead."""
     q_seg, k_seg = q_seg.contiguous(), k_seg.to(q_seg.dtype).contiguous()
-    return _spans(k_seg, q_seg), _spans(q_seg, k_seg)
+    packed = (_non_decreasing(q_seg) & _non_decreasing(k_seg))[:, None, None]  # [B, 1, 1]
+    return tuple(torch.where(packed, spans, -1) for spans in (_spans(k_seg, q_seg), _spans(q_seg, k_seg)))
 
 
-def _non_decreasing(seg: Tensor) -> bool:
-    return bool((seg[:, 1:] >= seg[:, :-1]).all())
+def _non_decreasing(seg: Tensor) -> Tensor:
+    """[B] bool: the row's ids never decrease."""
+    return (seg[:, 1:] >= seg[:, :-1]).all(1)
 
 
 def _spans(sorted_ids: Tensor, ids: Tensor) -> Tensor:
@@ -377,17 +376,15 @@ def _spans(sorted_ids: Tensor, ids: Tensor) -> Tensor:
     return torch.stack([starts, ends], 1).to(torch.int32).contiguous()
 
 
-def _segment_args(q: Tensor, q_seg: Tensor | None, k_seg: Tensor | None) -> tuple[tuple, bool, bool]:
-    """((QSEG, KSEG, QDOC, KDOC) kernel arguments, HAS_SEG, DOC_RANGES); q stands in for the unused ones."""
+def _segment_args(q: Tensor, q_seg: Tensor | None, k_seg: Tensor | None) -> tuple[tuple, bool]:
+    """((QSEG, KSEG, QDOC, KDOC) kernel arguments, HAS_SEG); q stands in for the unused ones."""
     if q_seg is None:
-        return (q, q, q, q), False, False
-    spans = doc_ranges(q_seg, k_seg)
-    docs = (q, q) if spans is None else spans
-    return (q_seg.contiguous(), k_seg.contiguous(), *docs), True, spans is not None
+        return (q, q, q, q), False
+    return (q_seg.contiguous(), k_seg.contiguous(), *doc_ranges(q_seg, k_seg)), True
 
 
-def _meta(q: Tensor, causal: bool, window: int | None, has_seg: bool, use_spans: bool, kind: str) -> dict:
-    return dict(CAUSAL=causal, WINDOW=window or 0, HAS_SEG=has_seg, DOC_RANGES=use_spans, SIGMOID=kind == "sigmoid",
+def _meta(q: Tensor, causal: bool, window: int | None, has_seg: bool, kind: str) -> dict:
+    return dict(CAUSAL=causal, WINDOW=window or 0, HAS_SEG=has_seg, SIGMOID=kind == "sigmoid",
                 PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
 
@@ -399,13 +396,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     """(out [B, Hq, Nq, D] fp32, lse [B, Hq, Nq] fp32 or None for sigmoid), like reference.attention_forward."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q, k, v, (segs, has_seg, use_spans) = _prepare(q, k, v, q_seg, k_seg)
+    q, k, v, (segs, has_seg) = _prepare(q, k, v, q_seg, k_seg)
     out = torch.empty(B, Hq, Nq, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     _fwd_kernel[grid](q, k, v, out, lse, *segs, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                      **_meta(q, causal, window, has_seg, use_spans, kind))
+                      **_meta(q, causal, window, has_seg, kind))
     dt = acc_dtype(q)
     return out.to(dt), (None if kind == "sigmoid" else lse.to(dt))
 
@@ -418,7 +415,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """dq, dk, dv (fp32) like reference.attention_backward; delta = rowsum(dO * O) - dlse is precomputed."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q, k, v, (segs, has_seg, use_spans) = _prepare(q, k, v, q_seg, k_seg)
+    q, k, v, (segs, has_seg) = _prepare(q, k, v, q_seg, k_seg)
     dout = dout.contiguous().to(q.dtype)
     if kind == "softmax":
         if delta is None:
@@ -431,7 +428,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dq = torch.empty(B, Hq, Nq, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
     dv = torch.empty(B, Hkv, Nk, D, device=q.device, dtype=torch.float32)
-    meta = _meta(q, causal, window, has_seg, use_spans, kind)
+    meta = _meta(q, causal, window, has_seg, kind)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *segs, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hkv, Hq // Hkv, D,
