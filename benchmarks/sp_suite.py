@@ -177,7 +177,7 @@ def linear_rows(N: int, mask: str, hw: Hardware, args, device, dtype) -> list[di
         opts = dict(group=group, algorithm=alg, log_decay=g, segment_ids=seg, zeco_blocks=args.zeco_blocks,
                     layout=args.layout, backend="auto", doc_gates=gates)
         row = measure(lambda: sp_linear_attention(q, k, v, **opts), dout, args.repeats, device)
-        cost = linear_op_cost(alg, shape, P, hw, args.layout, zeco_blocks=args.zeco_blocks)
+        cost = linear_op_cost(alg, shape, P, hw, args.layout, args.zeco_blocks, cost_mask(mask, N, args.docs))
         rows.append(finish(row, cost, "linear", mask, N, P, alg, args.batch))
     return rows
 

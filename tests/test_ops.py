@@ -300,3 +300,19 @@ def test_auto_backend_path_per_op_and_device():
     for run in runs:
         for got, want in zip(run("auto"), run("torch")):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fold_delta_keeps_float32_precision_in_half(dtype):
+    """The fused backward computes dP - delta as dO V^T over the folded columns: in bf16/fp16 they must carry
+    delta to ~float32 precision (one rounded column errs by 2^-8 of delta, which dP ~ delta turns into dS)."""
+    from longtrain.kernels.reference import fold_delta
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 16, 64, generator=g).to(dtype) for _ in range(4))
+    delta = torch.randn(1, 2, 16, generator=g) * 100
+    _, _, v_f, dout_f, out_f = fold_delta(q, k, v, dout, None, delta, None)
+    folded = -(dout_f[..., 64:].double() * v_f[..., 64:].double()).sum(-1)
+    assert v_f.shape[-1] % 8 == 0 and (out_f == 0).all() and torch.equal(dout_f[..., :64], dout)
+    torch.testing.assert_close(folded, delta.double(), rtol=2 ** -15, atol=0)
+    one_column = delta.to(dtype).double()
+    assert (one_column - delta.double()).abs().max() > 100 * (folded - delta.double()).abs().max()

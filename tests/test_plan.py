@@ -8,10 +8,12 @@ import torch
 import torch.distributed as dist
 
 from longtrain.config import load_config
-from longtrain.parallel import comm, sequence_spans, shard_sequence, sp_linear_attention, sp_softmax_attention
+from longtrain.parallel import (comm, document_gates, sequence_spans, shard_sequence, sp_linear_attention,
+                                sp_softmax_attention)
 from longtrain.parallel.spawn import run_distributed
 from longtrain.plan.calibrate import fit
-from longtrain.plan.cost import Mask, OpShape, linear_op_cost, scan_time, softmax_op_cost, step_cost
+from longtrain.plan.cost import (Mask, OpShape, linear_op_cost, ring_steps_with_work, scan_time, softmax_op_cost,
+                                 step_cost)
 from longtrain.plan.hardware import Hardware, Link, from_dict, load_profile, to_dict
 from longtrain.plan.planner import parse_tokens, search, shortfall, write_plan
 
@@ -87,6 +89,22 @@ def test_step_overhead_counts_each_algorithms_steps():
     assert from_dict(to_dict(hw)).step_overhead["zeco"] == pytest.approx((1.0, 3.0))
 
 
+def test_ring_steps_with_work_follow_the_rings_own_pairs():
+    """Steps with attention work on the busiest rank, against ring.chunk_pairs on real packed ids: one chunk per
+    document leaves each rank only its own step; a long document reaches across ranks."""
+    from longtrain.parallel.ring import chunk_pairs
+    N = 64
+    for P, layout, lengths in [(4, "zigzag", [8] * 8), (4, "contiguous", [16] * 4), (4, "zigzag", [32] + [2] * 16),
+                               (2, "zigzag", [5, 40, 19]), (4, "contiguous", [3, 29, 32])]:
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+        spans = sequence_spans(ids, P, layout)
+        want = max(sum(bool(chunk_pairs(N // P, P, r, (r - s) % P, layout, True, None, spans)) for s in range(P))
+                   for r in range(P))
+        got = ring_steps_with_work(Mask("documents", doc_lengths=lengths), P, layout, N)
+        assert got == want, (P, layout, lengths)
+    assert ring_steps_with_work(Mask("documents", doc_lengths=[8] * 8), 4, "zigzag", 64) == 1
+
+
 def test_chain_crosses_nodes_only_at_boundaries():
     hw = slow_link_hardware(latency=1.0, bandwidth=1e30, gpus_per_node=2)  # inter-node latency 10
     shape = OpShape(batch=1, seq=64, heads=1, kv_heads=1, head_dim=2)
@@ -121,8 +139,8 @@ def measured_bytes(rank, world):
     out = {}
     cases = [("softmax", a, layout, 2 if a == "usp" else 1, docs) for a in ("ring", "allgather", "ulysses", "usp")
              for layout in ("contiguous", "zigzag") for docs in (False, True)]
-    cases += [("linear", a, layout, 1, False) for a in ("lasp1", "lasp2", "zeco", "ulysses")
-              for layout in ("contiguous", "zigzag")]
+    cases += [("linear", a, layout, 1, docs) for a in ("lasp1", "lasp2", "zeco", "ulysses")
+              for layout in ("contiguous", "zigzag") for docs in (False, True)]
     for family, algorithm, layout, U, docs in cases:
         q, k, v, dout = (torch.randn(B, H, N, D) for _ in range(4))
         g = -torch.rand(B, H, N, D)
@@ -135,8 +153,10 @@ def measured_bytes(rank, world):
             o, _ = sp_softmax_attention(*local[:3], group=group, algorithm=algorithm, layout=layout,
                                         segment_ids=seg_local, ulysses_size=U, doc_spans=spans, return_lse=False)
         else:
+            gates = document_gates(seg_local, group, layout)  # once per step in training: not the op's bytes
+            comm.reset_counters()
             o = sp_linear_attention(*local[:3], group=group, algorithm=algorithm, log_decay=local[3], layout=layout,
-                                    zeco_blocks=2)
+                                    segment_ids=seg_local, doc_gates=gates, zeco_blocks=2)
         fwd = sum(comm.BYTES_SENT.values())
         o.backward(shard_sequence(dout, 2, group, layout))
         bwd = sum(comm.BYTES_SENT.values()) - fwd
@@ -154,11 +174,11 @@ def test_predicted_bytes_equal_counted_bytes():
     hw = load_profile("h100-nvlink-ib")
     for (family, algorithm, layout, U, docs), (fwd, bwd) in measured.items():
         shape = OpShape(batch=1, seq=32, heads=4, kv_heads=4, head_dim=8, elem=4)
+        mask = Mask("documents", doc_lengths=[8] * 4) if docs else Mask()
         if family == "softmax":
-            mask = Mask("documents", doc_lengths=[8] * 4) if docs else Mask()
             cost = softmax_op_cost(algorithm, shape, P, hw, mask, layout, U)
         else:
-            cost = linear_op_cost(algorithm, shape, P, hw, layout, zeco_blocks=2)
+            cost = linear_op_cost(algorithm, shape, P, hw, layout, zeco_blocks=2, mask=mask)
         case = f"{family} {algorithm} {layout} U={U} documents={docs}"
         assert cost.fwd_bytes == pytest.approx(fwd), case
         assert cost.bwd_bytes == pytest.approx(bwd), case

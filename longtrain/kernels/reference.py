@@ -261,18 +261,22 @@ def fold_delta(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor | None
                dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Inputs whose fused backward uses a given delta (minus dlse) in place of rowsum(dO * O).
 
-    One more head-dim column (padded to a multiple of 8): 0 in q and k, 1 in v, -delta in dO, and O = 0,
-    so dP = dO V^T - delta while rowsum(dO * O) = 0; dq, dk, dv keep their first columns.
+    More head-dim columns (padded to a multiple of 8): 0 in q and k, 1 in v, -delta in dO, and O = 0, so
+    dP = dO V^T - delta while rowsum(dO * O) = 0; dq, dk, dv keep their first columns. In bf16/fp16 delta
+    takes two columns, its rounding and the rest, so dP - delta keeps float32's precision where dP ~ delta.
     """
     if delta is None:
         delta = (dout[..., :out.shape[-1]].to(out.dtype) * out).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(delta.dtype)
-    width = q.shape[-1]
-    pad = (0, -(-(width + 1) // 8) * 8 - width)
+    width, parts = q.shape[-1], 2 if dout.element_size() < 4 else 1
+    pad = (0, -(-(width + parts) // 8) * 8 - width)
     q, k, v, dout = (F.pad(x, pad) for x in (q, k, v, dout))
-    v[..., -1] = 1.0
-    dout[..., -1] = -delta.to(dout.dtype)
+    v[..., width:width + parts] = 1.0
+    head = delta.to(dout.dtype)
+    dout[..., width] = -head
+    if parts == 2:
+        dout[..., width + 1] = -(delta - head.to(delta.dtype)).to(dout.dtype)
     return q, k, v, dout, torch.zeros_like(dout)
 
 

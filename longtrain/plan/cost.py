@@ -15,7 +15,9 @@ Compute (forward FLOPs of one op on one rank):
 Communication per op and rank (bytes sent; forward / backward) and its time:
   ring       (P-1) x 2 B Hkv n D e  /  the same plus P hops of dK, dV in fp32
              each hop runs beside one step's compute: T = c_0 + sum_{i>0} max(c_i + m, t(hop)) [+ the last dK/dV
-             hop]; m merges the step's partial (out, lse) in fp32: 4 passes over B n H (D+1) floats
+             hop]; m merges the step's partial (out, lse) in fp32: 4 passes over B n H (D+1) floats; the work
+             spreads over the busiest rank's steps with work (a window or packed documents leave the others
+             the hop alone)
   allgather  (P-1) x 2 B Hkv n D e  /  the same again (re-gathered) plus (P-1) x 2 B Hkv n D 4 reduce-scattered
              not overlapped: T = c + (P-1) t(shard)
   ulysses    (P-1)/P x B n (2 H + 2 Hkv) D e each way (q, k, v in, the output back; mirrored in backward)
@@ -39,11 +41,14 @@ gradient reduce-scatter (fp32) over all dp x sp ranks, overlapped with compute (
 and the AdamW update (memory-bound). Memory per GPU is trainer.memory_model.step_memory plus the transient
 SP buffers below (sp_transient_bytes).
 """
+import bisect
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
 from longtrain.attention import LINEAR_FAMILY
 from longtrain.config import layer_mixers
+from longtrain.parallel.sharding import chunk_ids, num_chunks
 from longtrain.parallel.zeco import num_blocks
 from longtrain.plan.hardware import Hardware, Link
 from longtrain.trainer.memory_model import PER_CHANNEL_DECAY, meta_model, step_memory
@@ -150,12 +155,25 @@ def ring_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware, spa
 
 
 def ring_steps_with_work(mask: Mask, P: int, layout: str, N: int) -> int:
-    """Ring steps that carry attention work: all of them, but a window reaches only the nearby chunks."""
-    if mask.kind != "window":
+    """Ring steps that carry attention work on the busiest rank: all of them, but a window reaches only the
+    nearby chunks and packed documents only the chunks that share one (ring.chunk_pairs' rule)."""
+    chunks = num_chunks(P, layout)
+    if mask.kind == "window":
+        reach = 1 + math.ceil(mask.window / (N / chunks))  # chunks each chunk's queries see
+        return min(P, reach * (2 if layout == "zigzag" else 1))
+    if mask.kind != "documents":
         return P
-    chunks = 2 * P if layout == "zigzag" else P
-    reach = 1 + math.ceil(mask.window / (N / chunks))  # chunks each chunk's queries see
-    return min(P, reach * (2 if layout == "zigzag" else 1))
+    ends = list(itertools.accumulate(mask.doc_lengths))
+    size = N / chunks
+
+    def docs(c: int) -> tuple[int, int]:  # the first and last document of chunk c
+        return bisect.bisect_right(ends, c * size), bisect.bisect_right(ends, (c + 1) * size - 1)
+
+    def work(q_chunk: int, k_chunk: int) -> bool:  # causal, and a document in both
+        return k_chunk <= q_chunk and docs(k_chunk)[1] >= docs(q_chunk)[0]
+
+    return max(sum(any(work(qc, kc) for qc in chunk_ids(P, r, layout) for kc in chunk_ids(P, (r - s) % P, layout))
+                   for s in range(P)) for r in range(P))
 
 
 def allgather_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware) -> OpCost:
@@ -263,15 +281,15 @@ def scan_time(links: list[Link], message: float, blocks: int) -> float:
 
 
 def linear_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout: str = "zigzag",
-                   zeco_blocks: int | None = None) -> OpCost:
+                   zeco_blocks: int | None = None, mask: Mask | None = None) -> OpCost:
     """One linear-family attention op per rank under `algorithm` (lasp1, lasp2, zeco, ulysses, none), fixed
-    per-step overhead included."""
-    cost = linear_op_time(algorithm, shape, P, hw, layout, zeco_blocks)
+    per-step overhead included. The mask matters only to Ulysses, which gathers packed documents' ids."""
+    cost = linear_op_time(algorithm, shape, P, hw, layout, zeco_blocks, mask or Mask())
     return cost if algorithm == "none" or P == 1 else with_overhead(cost, hw, algorithm, sp_steps(algorithm, P, layout))
 
 
-def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout: str, zeco_blocks: int | None
-                   ) -> OpCost:
+def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout: str, zeco_blocks: int | None,
+                   mask: Mask) -> OpCost:
     """linear_op_cost without the fixed overhead.
 
     Bytes are the mean per rank; a chain's hops are 2(P-1) with zigzag (0..P-1 and back), P-1 contiguous.
@@ -302,10 +320,11 @@ def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
                  [shape.heads * (shape.head_dim if shape.per_channel_decay else 1)]  # q, k, v, log decay
         t_in = sum(link.time(n * w * shape.elem * (P - 1) / P) for w in widths)
         t_out = link.time(n * shape.heads * shape.dv * shape.elem * (P - 1) / P)
+        seg = (P - 1) * n * SEG_ELEM if mask.kind == "documents" else 0  # the ids all-gathered, forward only
+        t_seg = (P - 1) * hw.link("all_gather", inter_node(P, hw)).time(n * SEG_ELEM) if seg else 0.0
         sent = (P - 1) / P * n * shape.elem * (sum(widths) + shape.heads * shape.dv)
-        bwd_sent = (P - 1) / P * n * shape.elem * (sum(widths) + shape.heads * shape.dv)
-        return OpCost(c_fwd + t_in + t_out, c_bwd + t_in + t_out, sent, bwd_sent, c_fwd, c_bwd, t_in + t_out,
-                      t_in + t_out)
+        return OpCost(c_fwd + t_in + t_out + t_seg, c_bwd + t_in + t_out, sent + seg, sent, c_fwd, c_bwd,
+                      t_in + t_out + t_seg, t_in + t_out)
     raise ValueError(f"unknown linear SP algorithm {algorithm!r}")
 
 
@@ -345,7 +364,7 @@ def mixer_cost(cfg, mixer: str, hw: Hardware, mask: Mask | None, elem: int) -> O
     p, P = cfg.parallel, cfg.parallel.sp_size
     shape = op_shape(cfg, mixer, elem)
     if mixer in LINEAR_FAMILY:
-        return linear_op_cost(p.linear_sp, shape, P, hw, p.layout, p.zeco_blocks)
+        return linear_op_cost(p.linear_sp, shape, P, hw, p.layout, p.zeco_blocks, mask)
     return softmax_op_cost(p.softmax_sp, shape, P, hw, mask_of(cfg, mixer, mask), p.layout, p.ulysses_size)
 
 
