@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test gpu-check clean
+.PHONY: train test gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,9 +20,13 @@ test: $(STAMP)
 
 # One GPU, under 8 minutes: compiled Triton tests, kernel and op benchmarks, a 32k training run, peak
 # memory per N; appends a dated section to benchmarks/RESULTS.md. fla (chunk_gla baseline) is optional.
-gpu-check: $(STAMP)
-	-$(PY) -m pip install -q flash-linear-attention
-	$(PY) benchmarks/gpu_check.py
+GPU_WHEELS = omegaconf==2.4.0 fla-core==0.6.0
+
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs wandb

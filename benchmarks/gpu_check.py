@@ -6,12 +6,16 @@
 4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory
 5. peak memory of one training step at N = 32k, 64k, 128k, ... up to the first N that does not fit
 
-Each step is a subprocess under the time left; a failed step is reported and the rest still run.
-    python benchmarks/gpu_check.py             # on a GPU machine
-    python benchmarks/gpu_check.py --dry-run   # print the commands (any machine)
+Each step is a subprocess under the time left; a failed step is reported and the rest still run. It runs on
+the GPU machine's own python3 (its torch and Triton), with no venv and no network: what that python lacks
+(omegaconf; fla-core for the chunk_gla baseline) travels as wheels in .whl/, which `make gpu-wheels` fills
+here and this script installs into /tmp before the first step.
+    python3 benchmarks/gpu_check.py             # on a GPU machine (what `make gpu-check` runs)
+    python3 benchmarks/gpu_check.py --dry-run   # print the commands (any machine)
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -23,6 +27,8 @@ import torch
 
 BUDGET_S = 450
 PY = sys.executable
+WHEELS = ".whl"
+SITE = "/tmp/longtrain-site"
 CONFIG = "configs/h100_hybrid_32k.yaml"
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.eval_every=0"]
 
@@ -40,6 +46,16 @@ STEPS = [
     ("train 30 steps, N=32k", train_cmd("runs/gpu_check/train", "train.steps=30", "train.log_every=10"), 120),
 ]
 MEMORY_N = [32768, 65536, 131072, 262144, 524288]
+
+
+def use_carried_wheels() -> None:
+    """Install .whl/*.whl offline into SITE; SITE and the repository go on the path of the steps."""
+    wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
+    if wheels:
+        subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
+                        "--target", SITE, *wheels], check=True)
+    paths = [SITE, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def run(cmd: list[str], timeout: float) -> tuple[bool, float, str]:
@@ -86,6 +102,7 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (use --dry-run to see the commands)")
+    use_carried_wheels()
     shutil.rmtree("runs/gpu_check", ignore_errors=True)  # a leftover run dir would resume instead of start
     start, report, details = time.perf_counter(), [], []
     left = lambda: BUDGET_S - (time.perf_counter() - start)  # noqa: E731

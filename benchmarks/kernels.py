@@ -64,9 +64,9 @@ def linear_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
     from longtrain.attention import linear_attention
     try:
         from fla.ops.gla import chunk_gla
-    except ImportError:
+    except Exception as e:  # not installed, or built for another Triton
         chunk_gla = None
-        print("flash-linear-attention not installed: linear kernel shown without the chunk_gla baseline")
+        print(f"fla's chunk_gla unavailable ({type(e).__name__}: {e}): linear kernel shown without that baseline")
     rows = []
     for D, N in ((D, N) for D in head_dims for N in sizes):
         H, B = 2048 // D, max(1, TOKENS // N)

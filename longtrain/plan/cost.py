@@ -39,7 +39,7 @@ the recompute of activation checkpointing (block: the whole forward again, SP co
 the mixers' forward), the head and loss, FSDP2's parameter all-gathers (bf16, forward and backward) and
 gradient reduce-scatter (fp32) over all dp x sp ranks, overlapped with compute (only the excess is exposed),
 and the AdamW update (memory-bound). Memory per GPU is trainer.memory_model.step_memory plus the transient
-SP buffers below (sp_transient_bytes).
+SP buffers (memory_model.sp_transient_bytes).
 """
 import bisect
 import itertools
@@ -47,11 +47,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from longtrain.attention import LINEAR_FAMILY
-from longtrain.config import layer_mixers
 from longtrain.parallel.sharding import chunk_ids, num_chunks
 from longtrain.parallel.zeco import num_blocks
 from longtrain.plan.hardware import Hardware, Link
-from longtrain.trainer.memory_model import PER_CHANNEL_DECAY, meta_model, step_memory
+from longtrain.trainer.memory_model import PER_CHANNEL_DECAY, meta_model, sp_transient_bytes, step_memory
 from longtrain.trainer.model import LM
 
 STATE_ELEM = 4  # float32 states, lse and gradient accumulators
@@ -450,27 +449,3 @@ def step_cost(cfg, hw: Hardware, world: int, mask: Mask | None = None, elem: int
                     {"forward": accum * fwd, "backward": accum * bwd, "recompute": accum * recompute,
                      "head+loss": accum * 3 * head, "data_parallel_exposed": dp_exposed,
                      "optimizer": optimizer})
-
-
-def sp_transient_bytes(cfg, elem: int = 2) -> float:
-    """The largest SP buffer alive at once beyond the saved activations: gathered K/V and their fp32 gradients
-    (allgather), full-sequence heads (ulysses, usp), gathered states (lasp2)."""
-    m, p, P = cfg.model, cfg.parallel, cfg.parallel.sp_size
-    if P == 1:
-        return 0.0
-    B, N, D = cfg.data.batch_size, cfg.data.seq_len, m.d_model // m.n_heads
-    kv = m.n_kv_heads or m.n_heads
-    out = 0.0
-    for mixer in set(layer_mixers(m)):
-        if mixer in LINEAR_FAMILY:
-            if p.linear_sp == "lasp2":
-                out = max(out, P * chunks_per_rank(p.layout) * B * m.n_heads * D * (D + 1) * STATE_ELEM)
-            elif p.linear_sp == "ulysses":
-                out = max(out, B * N / P * m.n_heads * D * 5 * elem)
-        elif p.softmax_sp == "allgather":
-            out = max(out, B * N * kv * D * 2 * (elem + STATE_ELEM))
-        elif p.softmax_sp in ("ulysses", "usp"):
-            out = max(out, B * N / P * (2 * m.n_heads + 2 * kv) * D * elem)
-        elif p.softmax_sp == "ring":
-            out = max(out, B * N / P * kv * D * 2 * (2 * elem + STATE_ELEM))  # K/V sent + received, dK/dV (fp32)
-    return out

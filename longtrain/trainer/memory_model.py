@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from longtrain.attention import LINEAR_FAMILY
 from longtrain.config import Config, ModelConfig, layer_mixers
 from longtrain.parallel import STATE_PASSING_SP
+from longtrain.parallel.sharding import num_chunks
 from longtrain.trainer.model import LM, mlp_hidden
 
 PER_CHANNEL_DECAY = ("gla",)  # decay [B, H, N, Dk]: its chunked path factors the decay level by level
@@ -60,7 +61,7 @@ def sp_floats(cfg: Config, mixer: str) -> tuple[float, float]:
     """Per token, what the layer's SP function adds to the one-device mixer: (saved, kept on ctx past a
     checkpoint). LASP/ZeCO: local output, cumulative decay and corrected output (3 d) saved, the LocalPass
     (LOCAL_PASS_FLOATS d) on ctx, except under saved-tensor hooks (checkpointing, offload), where they keep only
-    their inputs, through the hooks. Ring: its fp32 output (d). Buffers in flight: plan.cost.sp_transient_bytes."""
+    their inputs, through the hooks. Ring: its fp32 output (d). Buffers in flight: sp_transient_bytes."""
     d, p = cfg.model.d_model, cfg.parallel
     if state_passing(cfg, mixer):
         if cfg.model.activation_checkpointing or cfg.train.offload_activations:
@@ -144,6 +145,30 @@ def state_bytes(cfg: Config, world: int, elem: int, gpu: bool) -> dict[str, floa
         out["gathered"] = elem * (n - len(layer_mixers(cfg.model)) * block + 2 * block) + (elem + 4) * block
     elif elem < 4:  # autocast's low-precision weight copies, cached for the whole forward
         out["gathered"] = elem * n
+    return out
+
+
+def sp_transient_bytes(cfg: Config, elem: int = 2) -> float:
+    """The largest SP buffer alive at once beyond the saved activations: gathered K/V and their fp32 gradients
+    (allgather), full-sequence heads (ulysses, usp), gathered states (lasp2); states, lse and gradients in fp32."""
+    m, p, P = cfg.model, cfg.parallel, cfg.parallel.sp_size
+    if P == 1:
+        return 0.0
+    B, N, D = cfg.data.batch_size, cfg.data.seq_len, m.d_model // m.n_heads
+    kv = m.n_kv_heads or m.n_heads
+    out = 0.0
+    for mixer in set(layer_mixers(m)):
+        if mixer in LINEAR_FAMILY:
+            if p.linear_sp == "lasp2":
+                out = max(out, num_chunks(P, p.layout) * B * m.n_heads * D * (D + 1) * 4)
+            elif p.linear_sp == "ulysses":
+                out = max(out, B * N / P * m.n_heads * D * 5 * elem)
+        elif p.softmax_sp == "allgather":
+            out = max(out, B * N * kv * D * 2 * (elem + 4))
+        elif p.softmax_sp in ("ulysses", "usp"):
+            out = max(out, B * N / P * (2 * m.n_heads + 2 * kv) * D * elem)
+        elif p.softmax_sp == "ring":
+            out = max(out, B * N / P * kv * D * 2 * (2 * elem + 4))  # K/V sent + received, dK/dV (fp32)
     return out
 
 
