@@ -25,8 +25,10 @@ GPU_WHEELS = omegaconf==2.4.0 fla-core==0.6.0
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl $(GPU_WHEELS)
 
+GPU_PY ?= python3
+
 gpu-check:
-	python3 benchmarks/gpu_check.py
+	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs wandb

@@ -48,14 +48,15 @@ STEPS = [
 MEMORY_N = [32768, 65536, 131072, 262144, 524288]
 
 
-def use_carried_wheels() -> None:
-    """Install .whl/*.whl offline into SITE; SITE and the repository go on the path of the steps."""
-    wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
-    if wheels:
-        subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-                        "--target", SITE, *wheels], check=True)
+def use_carried_wheels() -> tuple[bool, float, str]:
+    """Install .whl/*.whl offline into SITE (a step of the report); SITE and the repository go on the steps' path."""
     paths = [SITE, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
+    if not wheels:
+        return True, 0.0, "no .whl/ wheels: using the installed packages"
+    return run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target",
+                SITE, *wheels], 60)
 
 
 def run(cmd: list[str], timeout: float) -> tuple[bool, float, str]:
@@ -102,12 +103,11 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (use --dry-run to see the commands)")
-    use_carried_wheels()
     shutil.rmtree("runs/gpu_check", ignore_errors=True)  # a leftover run dir would resume instead of start
     start, report, details = time.perf_counter(), [], []
     left = lambda: BUDGET_S - (time.perf_counter() - start)  # noqa: E731
-    for name, cmd, limit in STEPS:
-        ok, seconds, out = run(cmd, min(limit, left()))
+    for name, cmd, limit in [("carried wheels", None, 60), *STEPS]:
+        ok, seconds, out = use_carried_wheels() if cmd is None else run(cmd, min(limit, left()))
         print(f"{name}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s)", flush=True)
         report.append(f"| {name} | {'ok' if ok else 'FAILED'} | {seconds:.0f} |")
         details.append(f"{name}:\n\n{tables(out) if ok else out[-2000:]}\n")

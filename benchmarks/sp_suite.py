@@ -93,7 +93,7 @@ def profile(world: int, device: torch.device, dtype: torch.dtype, args: argparse
     hw.intra = collective_links(device)
     hw.gpus_per_node = max(hw.gpus_per_node, world)
     hw.step_overhead = step_overheads(hw, device, dtype, args.heads, args.head_dim, args.layout, args.ulysses,
-                                      args.zeco_blocks)
+                                      args.zeco_blocks, backend="auto")
     if args.gbps:
         hw.intra = {kind: Link(link.latency + args.latency_ms * 1e-3, 1 / (1 / link.bandwidth + 1 / (args.gbps * 1e9)))
                     for kind, link in hw.intra.items()}
@@ -206,7 +206,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
             if mask in LINEAR_MASKS:
                 rows += linear_rows(N, mask, hw, args, device, dtype)
     comm.set_link()
-    return rows
+    return [dict(r, overhead=hw.step_overhead) for r in rows]
 
 
 def validation(rows: list[dict]) -> tuple[list[dict], str]:
@@ -292,6 +292,13 @@ def write(rows: list[dict], args: argparse.Namespace, header: str) -> None:
     scatter(rows, f"{args.out}_predicted.png")
 
 
+def overhead_text(rows: list[dict]) -> str:
+    """Each world's calibrated step_overhead, for the header."""
+    worlds = {r["P"]: r["overhead"] for r in rows}
+    return "; ".join(f"P={P}: " + ", ".join(f"{alg} {f * 1e3:.2f} / {b * 1e3:.2f}" for alg, (f, b) in ovh.items())
+                     for P, ovh in worlds.items())
+
+
 def as_predicted(rows: list[dict], path: str) -> list[dict]:
     """rows with an earlier run's measured times (its CSV) as their predictions: what validation scores when
     the 'model' is a repeat of the measurement."""
@@ -359,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for world in args.p for r in run_distributed(worker, world, args, timeout=1800)[0]]
     header = (f"B={args.batch}, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, layout {args.layout}, "
               f"U={args.ulysses}, K={args.zeco_blocks}, {link_text(args)}, {args.repeats} repeats; "
-              f"suite {time.perf_counter() - start:.0f} s")
+              f"suite {time.perf_counter() - start:.0f} s; calibrated fixed time per step (fwd / bwd ms): "
+              f"{overhead_text(rows)}")
     print(header)
     write(rows, args, header)
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from longtrain.kernels import get_backend
 from longtrain.parallel import comm, sp_linear_attention, sp_softmax_attention
-from longtrain.plan.cost import Mask, OpShape, linear_op_cost, softmax_op_cost, sp_steps
+from longtrain.plan.cost import Mask, OpShape, linear_op_cost, overhead_key, softmax_op_cost, sp_steps
 from longtrain.plan.hardware import Hardware, Link, load_profile
 
 SIZES = [2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22]  # message bytes for the collectives
@@ -121,35 +121,37 @@ def collective_links(device: torch.device) -> dict[str, Link]:
 
 
 SOFTMAX_SP = ("ring", "allgather", "ulysses", "usp")
-LINEAR_SP = ("lasp1", "lasp2", "zeco")
+LINEAR_SP = ("lasp1", "lasp2", "zeco", "ulysses")
 
 
 def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads: int = 4, dim: int = 64,
-                   layout: str = "zigzag", ulysses: int = 2, zeco_blocks: int = 4, chunk: int = 64
-                   ) -> dict[str, tuple[float, float]]:
-    """(forward, backward) seconds per step of each SP algorithm's fixed cost: one tiny op (two chunks per rank)
-    timed on the world group, less what cost.py predicts for it from hw's FLOP/s and links, over its steps."""
+                   layout: str = "zigzag", ulysses: int = 2, zeco_blocks: int = 4, chunk: int = 64,
+                   backend: str = "auto") -> dict[str, tuple[float, float]]:
+    """(forward, backward) seconds per step of each SP algorithm's fixed cost (cost.overhead_key): one tiny op
+    (two chunks per rank, heads rounded up so Ulysses divides them) on the world group with `backend`, less what
+    cost.py predicts for it from hw's FLOP/s and links, over its steps. USP only where P % U == 0."""
     group, P = dist.group.WORLD, dist.get_world_size()
     N, U = 2 * P * chunk, min(ulysses, P)
+    heads = -(-heads // math.lcm(P, U)) * math.lcm(P, U)
     shape = OpShape(1, N, heads, heads, dim, chunk=chunk, per_channel_decay=True, elem=torch.finfo(dtype).bits // 8)
     q, k, v, dout = (torch.randn(1, heads, N // P, dim, device=device, dtype=dtype, requires_grad=True)
                      for _ in range(4))
     g = (-torch.rand(1, heads, N // P, dim, device=device) * 0.1).requires_grad_()
-    calls = {alg: (lambda alg=alg: sp_softmax_attention(q, k, v, group=group, algorithm=alg, layout=layout,
-                                                       ulysses_size=U, return_lse=False)[0])
-             for alg in SOFTMAX_SP if heads % (P if alg == "ulysses" else U) == 0 and P % U == 0}
-    calls.update({alg: (lambda alg=alg: sp_linear_attention(q, k, v, group=group, algorithm=alg, log_decay=g,
-                                                            layout=layout, zeco_blocks=zeco_blocks))
-                  for alg in LINEAR_SP})
+    calls = [(alg, False, lambda alg=alg: sp_softmax_attention(q, k, v, group=group, algorithm=alg, layout=layout,
+                                                               ulysses_size=U, return_lse=False, backend=backend)[0])
+             for alg in SOFTMAX_SP if alg != "usp" or P % U == 0]
+    calls += [(alg, True, lambda alg=alg: sp_linear_attention(q, k, v, group=group, algorithm=alg, log_decay=g,
+                                                              layout=layout, zeco_blocks=zeco_blocks, backend=backend))
+              for alg in LINEAR_SP]
     hw = Hardware(**{**hw.__dict__, "step_overhead": {}})
     out = {}
-    for alg, call in calls.items():
+    for alg, linear, call in calls:
         fwd = timed(call, device, repeats=21)
         bwd = max(timed(lambda: call().backward(dout), device, repeats=21) - fwd, 0.0)
-        cost = (softmax_op_cost(alg, shape, P, hw, Mask(), layout, U) if alg in SOFTMAX_SP else
-                linear_op_cost(alg, shape, P, hw, layout, zeco_blocks))
+        cost = (linear_op_cost(alg, shape, P, hw, layout, zeco_blocks) if linear else
+                softmax_op_cost(alg, shape, P, hw, Mask(), layout, U))
         steps = sp_steps(alg, P, layout, U)
-        out[alg] = (max(fwd - cost.fwd_s, 0.0) / steps, max(bwd - cost.bwd_s, 0.0) / steps)
+        out[overhead_key(alg, linear)] = (max(fwd - cost.fwd_s, 0.0) / steps, max(bwd - cost.bwd_s, 0.0) / steps)
     return out
 
 

@@ -29,7 +29,8 @@ Communication per op and rank (bytes sent; forward / backward) and its time:
   zeco       as lasp1 in K blocks forwarded on arrival: t_scan = sum_h t_h(S/K) + (K-1) max_h t_h(S/K),
              overlapped with the intra-chunk products: T = c + max(0, t_scan - c_intra)
 Every op adds its fixed software cost: steps x the profile's step_overhead of the algorithm (host work, calls,
-launches; measured by `longtrain calibrate`), steps = P for ring, P/U for usp, hops for lasp1/zeco, else 1.
+launches; measured by `longtrain calibrate`), steps = the ring's steps with work for ring (of P) and usp (of P/U),
+hops for lasp1/zeco, else 1.
 A message crosses nodes when the SP group spans nodes (ranks of a group are consecutive): a ring then runs at the
 inter-node speed; a chain pays inter-node time only on the hops that cross a node boundary.
 
@@ -158,8 +159,8 @@ def ring_steps_with_work(mask: Mask, P: int, layout: str, N: int) -> int:
     nearby chunks and packed documents only the chunks that share one (ring.chunk_pairs' rule)."""
     chunks = num_chunks(P, layout)
     if mask.kind == "window":
-        reach = 1 + math.ceil(mask.window / (N / chunks))  # chunks each chunk's queries see
-        return min(P, reach * (2 if layout == "zigzag" else 1))
+        reach = 1 + math.ceil((mask.window - 1) / (N / chunks))  # chunks each chunk's queries see, its own included
+        return min(P, 2 * reach - 1 if layout == "zigzag" else reach)  # zigzag: ranks r-reach+1 .. r+reach-1
     if mask.kind != "documents":
         return P
     ends = list(itertools.accumulate(mask.doc_lengths))
@@ -233,11 +234,15 @@ def softmax_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, mask: 
         cost = usp_cost(shape, P, ulysses, mask, layout, hw)
     else:
         raise ValueError(f"unknown softmax SP algorithm {algorithm!r}")
-    return with_overhead(cost, hw, algorithm, sp_steps(algorithm, P, layout, ulysses))
+    steps = sp_steps(algorithm, P, layout, ulysses)
+    if algorithm in ("ring", "usp"):  # a step without attention work only forwards K/V
+        steps = ring_steps_with_work(mask, steps, layout, shape.seq)
+    return with_overhead(cost, hw, overhead_key(algorithm, False), steps)
 
 
 def sp_steps(algorithm: str, P: int, layout: str = "zigzag", ulysses: int = 1) -> int:
-    """Steps of an SP op that each pay the algorithm's fixed overhead: ring steps, chain hops, or one round."""
+    """Steps of an SP op that each pay the algorithm's fixed overhead: ring steps (those with attention work,
+    softmax_op_cost), chain hops, or one round."""
     if algorithm == "ring":
         return P
     if algorithm == "usp":
@@ -247,9 +252,16 @@ def sp_steps(algorithm: str, P: int, layout: str = "zigzag", ulysses: int = 1) -
     return 1
 
 
-def with_overhead(cost: OpCost, hw: Hardware, algorithm: str, steps: int) -> OpCost:
-    """cost plus `steps` times the profile's fixed per-step time of `algorithm`."""
-    fwd, bwd = hw.step_overhead.get(algorithm, (0.0, 0.0))
+def overhead_key(algorithm: str, linear: bool) -> str:
+    """The profile's step_overhead entry of an algorithm: its name, linear Ulysses apart from softmax Ulysses."""
+    return "linear_ulysses" if linear and algorithm == "ulysses" else algorithm
+
+
+def with_overhead(cost: OpCost, hw: Hardware, key: str, steps: int) -> OpCost:
+    """cost plus `steps` times the profile's fixed per-step time under `key` (overhead_key). Added, not overlapped:
+    right where the host work is the compute (CPU) or outlasts it (small blocks); on a GPU with long kernels the
+    launches hide behind them, and this overstates the op by at most the overhead."""
+    fwd, bwd = hw.step_overhead.get(key, (0.0, 0.0))
     return replace(cost, fwd_s=cost.fwd_s + steps * fwd, bwd_s=cost.bwd_s + steps * bwd)
 
 
@@ -284,7 +296,9 @@ def linear_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
     """One linear-family attention op per rank under `algorithm` (lasp1, lasp2, zeco, ulysses, none), fixed
     per-step overhead included. The mask matters only to Ulysses, which gathers packed documents' ids."""
     cost = linear_op_time(algorithm, shape, P, hw, layout, zeco_blocks, mask or Mask())
-    return cost if algorithm == "none" or P == 1 else with_overhead(cost, hw, algorithm, sp_steps(algorithm, P, layout))
+    if algorithm == "none" or P == 1:
+        return cost
+    return with_overhead(cost, hw, overhead_key(algorithm, True), sp_steps(algorithm, P, layout))
 
 
 def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout: str, zeco_blocks: int | None,

@@ -95,7 +95,7 @@ def from_dict(raw: dict, source: str = "profile") -> Hardware:
                     attention_bwd={int(n): f * 1e12 for n, f in get("attention_bwd_tflops").items()},
                     linear_flops=get("linear_tflops") * 1e12, memory_bandwidth=get("memory_gbs") * 1e9,
                     intra=links("intra"), inter=links("inter"),
-                    step_overhead={alg: (f * 1e-6, b * 1e-6) for alg, (f, b) in raw.get("step_overhead_us", {}).items()})
+                    step_overhead={alg: (f * 1e-6, b * 1e-6) for alg, (f, b) in (raw.get("step_overhead_us") or {}).items()})
 
 
 def to_dict(hw: Hardware) -> dict:
