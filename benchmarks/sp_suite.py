@@ -43,6 +43,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from common import barrier_seconds, plot, print_table  # noqa: E402
 from memory import mark, peak  # noqa: E402
+from longtrain.kernels import get_backend  # noqa: E402
 from longtrain.parallel import comm, document_gates, sequence_spans, shard_sequence  # noqa: E402
 from longtrain.parallel import sp_linear_attention, sp_softmax_attention  # noqa: E402
 from longtrain.parallel.spawn import run_distributed  # noqa: E402
@@ -88,7 +89,8 @@ def profile(world: int, device: torch.device, dtype: torch.dtype, args: argparse
     fwd, bwd = attention_flops(device, dtype, lengths, args.heads, args.head_dim)
     measured = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
                 "linear": linear_flops(device, dtype, max(args.n) // world, args.heads, args.head_dim),
-                "memory_bandwidth": memory_bandwidth(device), "memory": 0.0}
+                "memory_bandwidth": memory_bandwidth(device), "memory": 0.0,
+                "fused_linear_backward": bool(get_backend("auto").FUSED_LINEAR_BACKWARD and device.type == "cuda")}
     hw = to_profile(measured, load_profile("h100-nvlink-ib"), world, True, "suite")
     hw.intra = collective_links(device)
     hw.gpus_per_node = max(hw.gpus_per_node, world)

@@ -116,6 +116,21 @@ def test_ring_steps_with_work_follow_the_rings_own_pairs():
     assert ring_steps_with_work(Mask("documents", doc_lengths=[8] * 8), 4, "zigzag", 64) == 1
 
 
+def test_linear_backward_overlap_by_hand():
+    """LASP-2's backward: after a fused local backward the all-gather is exposed whole; beside the torch path's
+    split backward it hides behind the output part, and the state's share (2 Dk Dv / (2 C Dk + 2 C Dv + 4 Dk Dv)
+    = 1/4 at C = Dk = Dv = 2) is paid twice."""
+    shape = OpShape(batch=1, seq=64, heads=1, kv_heads=1, head_dim=2, chunk=2, elem=4)
+    hw = slow_link_hardware(latency=1.0, bandwidth=1e30, flops=512)  # 16 tokens x 32 FLOPs: forward 1 s, backward 2 s
+    fused = linear_op_cost("lasp2", shape, 4, hw, "contiguous")
+    assert fused.bwd_compute_s == pytest.approx(2.0) and fused.bwd_comm_s == pytest.approx(3.0)
+    assert fused.bwd_s == pytest.approx(2.0 + 3.0)
+    hw.fused_linear_backward = False
+    split = linear_op_cost("lasp2", shape, 4, hw, "contiguous")
+    assert split.bwd_s == pytest.approx(2.0 * 1.25 + (3.0 - 2.0 * 0.75))
+    assert from_dict(to_dict(hw)).fused_linear_backward is False
+
+
 def test_chain_crosses_nodes_only_at_boundaries():
     hw = slow_link_hardware(latency=1.0, bandwidth=1e30, gpus_per_node=2)  # inter-node latency 10
     shape = OpShape(batch=1, seq=64, heads=1, kv_heads=1, head_dim=2)

@@ -151,7 +151,7 @@ def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads
         cost = (linear_op_cost(alg, shape, P, hw, layout, zeco_blocks) if linear else
                 softmax_op_cost(alg, shape, P, hw, Mask(), layout, U))
         steps = sp_steps(alg, P, layout, U)
-        out[overhead_key(alg, linear)] = (max(fwd - cost.fwd_s, 0.0) / steps, max(bwd - cost.bwd_s, 0.0) / steps)
+        out[overhead_key(alg, linear)] = ((fwd - cost.fwd_s) / steps, (bwd - cost.bwd_s) / steps)
     return out
 
 
@@ -163,6 +163,7 @@ def measure(rank: int, world: int, lengths: list[int], linear_n: int, base: str 
     fwd, bwd = attention_flops(device, dtype, lengths)
     out = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
            "linear": linear_flops(device, dtype, linear_n), "memory_bandwidth": memory_bandwidth(device),
+           "fused_linear_backward": bool(get_backend("auto").FUSED_LINEAR_BACKWARD and device.type == "cuda"),
            "memory": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / world}
     if world > 1:
@@ -185,6 +186,7 @@ def to_profile(measured: dict, base: Hardware, world: int, same_node: bool, name
         else:
             hw.inter = links
     hw.step_overhead = measured.get("step_overhead", base.step_overhead)
+    hw.fused_linear_backward = measured.get("fused_linear_backward", base.fused_linear_backward)
     return hw
 
 

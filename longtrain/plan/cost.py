@@ -24,10 +24,14 @@ Communication per op and rank (bytes sent; forward / backward) and its time:
              not overlapped: T = c(H/P heads, full N) + 4 t_a2a
   usp        ulysses inside groups of U, then ring over P/U ranks with H/U heads
   lasp1      hops x B H Dk Dv 4, a serial chain (hops = P-1 contiguous, 2(P-1) zigzag): T = c + sum t(state)
-  lasp2      (P-1) x chunks x B H (Dk Dv + Dk|1) 4 all-gathered / (P-1) x chunks x B H Dk Dv 4; overlapped with
-             the intra-chunk products: T = c + max(0, t_ag - c_intra)
+  lasp2      (P-1) x chunks x B H (Dk Dv + Dk|1) 4 all-gathered / (P-1) x chunks x B H Dk Dv 4; forward
+             overlapped with the intra-chunk products: T = c + max(0, t_ag - c_intra); backward see below
   zeco       as lasp1 in K blocks forwarded on arrival: t_scan = sum_h t_h(S/K) + (K-1) max_h t_h(S/K),
-             overlapped with the intra-chunk products: T = c + max(0, t_scan - c_intra)
+             forward overlapped as lasp2's: T = c + max(0, t_scan - c_intra); backward see below
+             Backward of both: with a fused chunked backward (Triton, the GPU default) the exchange comes first,
+             T = c + t; otherwise (the torch path) it runs beside the local backward through the outputs and the
+             gradients through M and A follow in a second autograd call, which revisits the state's share s of
+             the backward (s = 2 Dk Dv / (2 C Dk + 2 C Dv + 4 Dk Dv)): T = c (1 + s) + max(0, t - c (1 - s))
 Every op adds its fixed software cost: steps x the profile's step_overhead of the algorithm (host work, calls,
 launches; measured by `longtrain calibrate`), steps = the ring's steps with work for ring (of P) and usp (of P/U),
 hops for lasp1/zeco, else 1.
@@ -275,6 +279,16 @@ def linear_compute(shape: OpShape, P: int, hw: Hardware) -> tuple[float, float, 
     return fwd, 2 * fwd, intra / hw.linear_flops
 
 
+def overlapped_backward(c_bwd: float, t: float, shape: OpShape, hw: Hardware) -> float:
+    """LASP-2's and ZeCO's backward with its state exchange t (module docstring): after a fused local backward,
+    or beside the torch path's local backward, whose second call revisits the state's share of it."""
+    if hw.fused_linear_backward:
+        return c_bwd + t
+    dk, dv, C = shape.head_dim, shape.dv, shape.chunk
+    share = 2 * dk * dv / (2 * C * dk + 2 * C * dv + 4 * dk * dv)
+    return c_bwd * (1 + share) + max(0.0, t - c_bwd * (1 - share))
+
+
 def linear_state_bytes(shape: OpShape) -> float:
     return shape.batch * shape.heads * shape.head_dim * shape.dv * shape.state_elem
 
@@ -315,16 +329,16 @@ def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
         hops = (2 if layout == "zigzag" else 1) * (P - 1)
         blocks = 1 if algorithm == "lasp1" else num_blocks(shape.dv, zeco_blocks)
         t = scan_time(chain_links(hops, P, hw, layout), S, blocks)
-        exposed = t if algorithm == "lasp1" else max(0.0, t - c_intra)
-        return OpCost(c_fwd + exposed, c_bwd + exposed, hops * S / P, hops * S / P, c_fwd, c_bwd, t, t,
-                      {"blocks": blocks})
+        fwd, bwd = (c_fwd + t, c_bwd + t) if algorithm == "lasp1" else \
+            (c_fwd + max(0.0, t - c_intra), overlapped_backward(c_bwd, t, shape, hw))
+        return OpCost(fwd, bwd, hops * S / P, hops * S / P, c_fwd, c_bwd, t, t, {"blocks": blocks})
     if algorithm == "lasp2":
         k = chunks_per_rank(layout)
         decay = shape.batch * shape.heads * (shape.head_dim if shape.per_channel_decay else 1) * shape.state_elem
         link = hw.link("all_gather", inter_node(P, hw))
         t_fwd = (P - 1) * link.time(k * (S + decay))
         t_bwd = (P - 1) * link.time(k * S)
-        return OpCost(c_fwd + max(0.0, t_fwd - c_intra), c_bwd + max(0.0, t_bwd - c_intra),
+        return OpCost(c_fwd + max(0.0, t_fwd - c_intra), overlapped_backward(c_bwd, t_bwd, shape, hw),
                       (P - 1) * k * (S + decay), (P - 1) * k * S, c_fwd, c_bwd, t_fwd, t_bwd)
     if algorithm == "ulysses":
         n = shape.batch * shape.seq / P

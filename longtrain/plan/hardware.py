@@ -5,7 +5,8 @@ Every figure is what a kernel or collective *achieves* (not the data-sheet peak,
 given per level (`intra`: within a node, `inter`: across nodes) and per kind (p2p, all_gather, reduce_scatter,
 all_to_all) as `[latency_us, GB/s]`, where GB/s is the bus bandwidth: a ring collective over P ranks moving
 P - 1 shards of s bytes takes (P - 1) (latency + s / bandwidth). `step_overhead_us` (optional) gives each SP
-algorithm's fixed time per step as `[forward_us, backward_us]`.
+algorithm's fixed time per step as `[forward_us, backward_us]`; `fused_linear_backward` (default true) whether the
+linear attention backward is one fused kernel pass (Triton) or the torch path's autograd.
 """
 import bisect
 import math
@@ -43,6 +44,8 @@ class Hardware:
     # seconds per step of each SP algorithm (forward, backward) beside its FLOPs and bytes: host work, launches
     # and calls, measured by `longtrain calibrate` (cost.sp_steps counts the steps; absent: 0)
     step_overhead: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # the chunked linear attention backward is one fused kernel pass (Triton on GPUs), not autograd over torch ops
+    fused_linear_backward: bool = True
 
     def link(self, kind: str, inter_node: bool) -> Link:
         return (self.inter if inter_node else self.intra)[kind]
@@ -95,7 +98,8 @@ def from_dict(raw: dict, source: str = "profile") -> Hardware:
                     attention_bwd={int(n): f * 1e12 for n, f in get("attention_bwd_tflops").items()},
                     linear_flops=get("linear_tflops") * 1e12, memory_bandwidth=get("memory_gbs") * 1e9,
                     intra=links("intra"), inter=links("inter"),
-                    step_overhead={alg: (f * 1e-6, b * 1e-6) for alg, (f, b) in (raw.get("step_overhead_us") or {}).items()})
+                    step_overhead={alg: (f * 1e-6, b * 1e-6) for alg, (f, b) in (raw.get("step_overhead_us") or {}).items()},
+                    fused_linear_backward=bool(raw.get("fused_linear_backward", True)))
 
 
 def to_dict(hw: Hardware) -> dict:
@@ -109,4 +113,5 @@ def to_dict(hw: Hardware) -> dict:
             "attention_bwd_tflops": {n: round(f / 1e12, 4) for n, f in hw.attention_bwd.items()},
             "linear_tflops": round(hw.linear_flops / 1e12, 4), "memory_gbs": round(hw.memory_bandwidth / 1e9, 2),
             "intra": links(hw.intra), "inter": links(hw.inter),
-            "step_overhead_us": {alg: [round(f * 1e6, 2), round(b * 1e6, 2)] for alg, (f, b) in hw.step_overhead.items()}}
+            "step_overhead_us": {alg: [round(f * 1e6, 2), round(b * 1e6, 2)] for alg, (f, b) in hw.step_overhead.items()},
+            "fused_linear_backward": hw.fused_linear_backward}
