@@ -339,3 +339,25 @@ def test_torch_backend_on_cuda(dtype, case):
                                   retain_graph=True)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a.cpu().double(), b, atol=10 * tol, rtol=10 * tol)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the bf16 fused backward with a given delta runs on CUDA only")
+def test_bf16_backward_keeps_a_large_given_delta():
+    """A ring block's backward gets the merged delta = rowsum(dO * O) in float32. With V = 100 + noise, delta
+    (~800) dwarfs dP - delta, so a delta rounded to bf16 (error ~1.6) would swamp dS; fold_delta's two columns
+    keep it to float32 precision. Against the fp64 formulas on CPU (delta exact, as a merged ring output gives)."""
+    q, k = (rand(1, 2, 128, 64, seed=s).to(torch.bfloat16) for s in (1, 2))
+    v = (100 + rand(1, 2, 128, 64, seed=3)).to(torch.bfloat16)
+    dout = rand(1, 2, 128, 64, seed=4).to(torch.bfloat16)
+    scale = 0.125
+    q64, k64, v64, do64 = (x.cpu().double() for x in (q, k, v, dout))
+    s = (q64 @ k64.transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.ones(128, 128, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, -1)
+    delta = (do64 * (p @ v64)).sum(-1)
+    ds = p * (do64 @ v64.transpose(-1, -2) - delta[..., None])
+    want = (ds @ k64 * scale, ds.transpose(-1, -2) @ q64 * scale, p.transpose(-1, -2) @ do64)
+    out, lse = reference.attention_forward(q, k, v, scale=scale)  # lse in float32; out unused once delta is given
+    got = reference.attention_backward(dout, q, k, v, out, lse, scale=scale, delta=delta.float().to(q.device))
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.cpu().double(), w, atol=2e-2 * w.abs().max().item(), rtol=2e-2, msg=f"d{name}")
