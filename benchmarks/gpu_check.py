@@ -48,15 +48,12 @@ STEPS = [
 MEMORY_N = [32768, 65536, 131072, 262144, 524288]
 
 
-def use_carried_wheels() -> tuple[bool, float, str]:
-    """Install .whl/*.whl offline into SITE (a step of the report); SITE and the repository go on the steps' path."""
-    paths = [SITE, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+def steps() -> list[tuple[str, list[str], float]]:
+    """STEPS, after an offline install of the carried .whl/*.whl into SITE when there are any."""
     wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
-    if not wheels:
-        return True, 0.0, "no .whl/ wheels: using the installed packages"
-    return run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target",
-                SITE, *wheels], 60)
+    install = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target",
+               SITE, *wheels]
+    return ([("carried wheels", install, 60)] if wheels else []) + STEPS
 
 
 def run(cmd: list[str], timeout: float) -> tuple[bool, float, str]:
@@ -96,7 +93,7 @@ def main() -> None:
     p.add_argument("--results", default="benchmarks/RESULTS.md")
     args = p.parse_args()
     if args.dry_run:
-        for name, cmd, limit in STEPS:
+        for name, cmd, limit in steps():
             print(f"{name} (<= {limit} s): {' '.join(cmd)}")
         print("peak memory:", " ".join(train_cmd("runs/gpu_check/mem_N", "train.steps=1", "train.grad_accum=1",
                                                  "train.log_every=1", "data.seq_len=N")))
@@ -104,10 +101,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (use --dry-run to see the commands)")
     shutil.rmtree("runs/gpu_check", ignore_errors=True)  # a leftover run dir would resume instead of start
+    os.environ["PYTHONPATH"] = os.pathsep.join([SITE, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(
+        os.pathsep))])  # the steps import the carried packages and the repository
     start, report, details = time.perf_counter(), [], []
     left = lambda: BUDGET_S - (time.perf_counter() - start)  # noqa: E731
-    for name, cmd, limit in [("carried wheels", None, 60), *STEPS]:
-        ok, seconds, out = use_carried_wheels() if cmd is None else run(cmd, min(limit, left()))
+    for name, cmd, limit in steps():
+        ok, seconds, out = run(cmd, min(limit, left()))
         print(f"{name}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s)", flush=True)
         report.append(f"| {name} | {'ok' if ok else 'FAILED'} | {seconds:.0f} |")
         details.append(f"{name}:\n\n{tables(out) if ok else out[-2000:]}\n")

@@ -43,12 +43,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from common import barrier_seconds, plot, print_table  # noqa: E402
 from memory import mark, peak  # noqa: E402
-from longtrain.kernels import get_backend  # noqa: E402
 from longtrain.parallel import comm, document_gates, sequence_spans, shard_sequence  # noqa: E402
 from longtrain.parallel import sp_linear_attention, sp_softmax_attention  # noqa: E402
 from longtrain.parallel.spawn import run_distributed  # noqa: E402
 from longtrain.plan.calibrate import attention_flops, linear_flops, matmul_flops, memory_bandwidth  # noqa: E402
-from longtrain.plan.calibrate import collective_links, step_overheads, to_profile  # noqa: E402
+from longtrain.plan.calibrate import collective_links, fused_linear_backward, step_overheads, to_profile  # noqa: E402
 from longtrain.plan.cost import Mask, OpShape, linear_op_cost, softmax_op_cost  # noqa: E402
 from longtrain.plan.hardware import Hardware, Link, load_profile  # noqa: E402
 
@@ -90,7 +89,7 @@ def profile(world: int, device: torch.device, dtype: torch.dtype, args: argparse
     measured = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
                 "linear": linear_flops(device, dtype, max(args.n) // world, args.heads, args.head_dim),
                 "memory_bandwidth": memory_bandwidth(device), "memory": 0.0,
-                "fused_linear_backward": bool(get_backend("auto").FUSED_LINEAR_BACKWARD and device.type == "cuda")}
+                "fused_linear_backward": fused_linear_backward(device)}
     hw = to_profile(measured, load_profile("h100-nvlink-ib"), world, True, "suite")
     hw.intra = collective_links(device)
     hw.gpus_per_node = max(hw.gpus_per_node, world)

@@ -8,6 +8,7 @@ time per step (a tiny op's measured time beyond what FLOPs and bytes explain). U
 the launched ones (NCCL on GPUs); otherwise `--nproc` local gloo processes. The measured level (`intra` when
 all ranks share a node, else `inter`) replaces the base profile's; the rest of the base profile stays.
 """
+import dataclasses
 import math
 import os
 import statistics
@@ -17,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from longtrain.kernels import get_backend
-from longtrain.parallel import comm, sp_linear_attention, sp_softmax_attention
+from longtrain.parallel import LINEAR_SP, SOFTMAX_SP, comm, sp_linear_attention, sp_softmax_attention
 from longtrain.plan.cost import Mask, OpShape, linear_op_cost, overhead_key, softmax_op_cost, sp_steps
-from longtrain.plan.hardware import Hardware, Link, load_profile
+from longtrain.plan.hardware import KINDS, Hardware, Link, load_profile
 
 SIZES = [2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22]  # message bytes for the collectives
 
@@ -105,7 +106,7 @@ def fit(points: list[tuple[float, float]]) -> Link:
 def collective_links(device: torch.device) -> dict[str, Link]:
     """Per-hop Link of each collective kind over the world group (needs >= 2 ranks)."""
     group, P, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
-    points = {kind: [] for kind in ("p2p", "all_gather", "reduce_scatter", "all_to_all")}
+    points = {kind: [] for kind in KINDS}
     for size in SIZES:
         shard = torch.zeros(size // 4, device=device)
         stacked = torch.zeros(P, size // 4, device=device)
@@ -120,8 +121,9 @@ def collective_links(device: torch.device) -> dict[str, Link]:
     return {kind: fit(p) for kind, p in points.items()}
 
 
-SOFTMAX_SP = ("ring", "allgather", "ulysses", "usp")
-LINEAR_SP = ("lasp1", "lasp2", "zeco", "ulysses")
+def fused_linear_backward(device: torch.device) -> bool:
+    """Whether the default kernels run the chunked linear attention backward as one fused pass on `device`."""
+    return bool(get_backend("auto").FUSED_LINEAR_BACKWARD and device.type == "cuda")
 
 
 def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads: int = 4, dim: int = 64,
@@ -139,18 +141,18 @@ def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads
     g = (-torch.rand(1, heads, N // P, dim, device=device) * 0.1).requires_grad_()
     calls = [(alg, False, lambda alg=alg: sp_softmax_attention(q, k, v, group=group, algorithm=alg, layout=layout,
                                                                ulysses_size=U, return_lse=False, backend=backend)[0])
-             for alg in SOFTMAX_SP if alg != "usp" or P % U == 0]
+             for alg in SOFTMAX_SP if alg != "none" and (alg != "usp" or P % U == 0)]
     calls += [(alg, True, lambda alg=alg: sp_linear_attention(q, k, v, group=group, algorithm=alg, log_decay=g,
                                                               layout=layout, zeco_blocks=zeco_blocks, backend=backend))
-              for alg in LINEAR_SP]
-    hw = Hardware(**{**hw.__dict__, "step_overhead": {}})
+              for alg in LINEAR_SP if alg != "none"]
+    hw = dataclasses.replace(hw, step_overhead={})
     out = {}
     for alg, linear, call in calls:
         fwd = timed(call, device, repeats=21)
         bwd = max(timed(lambda: call().backward(dout), device, repeats=21) - fwd, 0.0)
         cost = (linear_op_cost(alg, shape, P, hw, layout, zeco_blocks) if linear else
                 softmax_op_cost(alg, shape, P, hw, Mask(), layout, U))
-        steps = sp_steps(alg, P, layout, U)
+        steps = sp_steps(alg, P, layout, U, Mask(), N)
         out[overhead_key(alg, linear)] = ((fwd - cost.fwd_s) / steps, (bwd - cost.bwd_s) / steps)
     return out
 
@@ -163,7 +165,7 @@ def measure(rank: int, world: int, lengths: list[int], linear_n: int, base: str 
     fwd, bwd = attention_flops(device, dtype, lengths)
     out = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
            "linear": linear_flops(device, dtype, linear_n), "memory_bandwidth": memory_bandwidth(device),
-           "fused_linear_backward": bool(get_backend("auto").FUSED_LINEAR_BACKWARD and device.type == "cuda"),
+           "fused_linear_backward": fused_linear_backward(device),
            "memory": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / world}
     if world > 1:
@@ -175,7 +177,7 @@ def measure(rank: int, world: int, lengths: list[int], linear_n: int, base: str 
 
 def to_profile(measured: dict, base: Hardware, world: int, same_node: bool, name: str) -> Hardware:
     """The base profile with the measured figures in place of its own."""
-    hw = Hardware(**{**base.__dict__})
+    hw = dataclasses.replace(base)
     hw.name, hw.matmul_flops, hw.linear_flops = name, measured["matmul"], measured["linear"]
     hw.attention_fwd, hw.attention_bwd = measured["attention_fwd"], measured["attention_bwd"]
     hw.memory, hw.memory_bandwidth = measured["memory"], measured["memory_bandwidth"]

@@ -108,7 +108,6 @@ class OpCost:
     bwd_compute_s: float
     fwd_comm_s: float  # communication time if nothing overlapped
     bwd_comm_s: float
-    detail: dict = field(default_factory=dict)
 
 
 def imbalance(mask: Mask, layout: str, P: int) -> float:
@@ -167,14 +166,12 @@ def ring_steps_with_work(mask: Mask, P: int, layout: str, N: int) -> int:
         return min(P, 2 * reach - 1 if layout == "zigzag" else reach)  # zigzag: ranks r-reach+1 .. r+reach-1
     if mask.kind != "documents":
         return P
-    ends = list(itertools.accumulate(mask.doc_lengths))
-    size = N / chunks
-
-    def docs(c: int) -> tuple[int, int]:  # the first and last document of chunk c
-        return bisect.bisect_right(ends, c * size), bisect.bisect_right(ends, (c + 1) * size - 1)
+    ends, size = list(itertools.accumulate(mask.doc_lengths)), N / chunks
+    docs = [(bisect.bisect_right(ends, c * size), bisect.bisect_right(ends, (c + 1) * size - 1))
+            for c in range(chunks)]  # the first and last document of each chunk
 
     def work(q_chunk: int, k_chunk: int) -> bool:  # causal, and a document in both
-        return k_chunk <= q_chunk and docs(k_chunk)[1] >= docs(q_chunk)[0]
+        return k_chunk <= q_chunk and docs[k_chunk][1] >= docs[q_chunk][0]
 
     return max(sum(any(work(qc, kc) for qc in chunk_ids(P, r, layout) for kc in chunk_ids(P, (r - s) % P, layout))
                    for s in range(P)) for r in range(P))
@@ -210,9 +207,9 @@ def ulysses_cost(shape: OpShape, P: int, mask: Mask, hw: Hardware) -> OpCost:
 
 def usp_cost(shape: OpShape, P: int, U: int, mask: Mask, layout: str, hw: Hardware) -> OpCost:
     """Ulysses over U consecutive ranks, then ring over the P/U ranks sharing an index, with H/U heads each."""
-    gathered = OpShape(shape.batch, shape.seq * U // P, shape.heads, shape.kv_heads, shape.head_dim, elem=shape.elem)
+    gathered = replace(shape, seq=shape.seq * U // P)
     uly = ulysses_cost(gathered, U, mask, hw)  # only its communication: the ring computes
-    heads = OpShape(shape.batch, shape.seq, shape.heads // U, shape.kv_heads // U, shape.head_dim, elem=shape.elem)
+    heads = replace(shape, heads=shape.heads // U, kv_heads=shape.kv_heads // U)
     ring = ring_cost(heads, P // U, mask, layout, hw, spans_nodes=inter_node(P, hw))
     # with documents, the ring gathers each chunk's first/last id and monotonicity (3 int64 per row) first
     spans = (P // U - 1) * chunks_per_rank(layout) * shape.batch * 3 * SEG_ELEM if mask.kind == "documents" else 0
@@ -238,19 +235,17 @@ def softmax_op_cost(algorithm: str, shape: OpShape, P: int, hw: Hardware, mask: 
         cost = usp_cost(shape, P, ulysses, mask, layout, hw)
     else:
         raise ValueError(f"unknown softmax SP algorithm {algorithm!r}")
-    steps = sp_steps(algorithm, P, layout, ulysses)
-    if algorithm in ("ring", "usp"):  # a step without attention work only forwards K/V
-        steps = ring_steps_with_work(mask, steps, layout, shape.seq)
+    steps = sp_steps(algorithm, P, layout, ulysses, mask, shape.seq)
     return with_overhead(cost, hw, overhead_key(algorithm, False), steps)
 
 
-def sp_steps(algorithm: str, P: int, layout: str = "zigzag", ulysses: int = 1) -> int:
-    """Steps of an SP op that each pay the algorithm's fixed overhead: ring steps (those with attention work,
-    softmax_op_cost), chain hops, or one round."""
-    if algorithm == "ring":
-        return P
-    if algorithm == "usp":
-        return P // ulysses
+def sp_steps(algorithm: str, P: int, layout: str = "zigzag", ulysses: int = 1, mask: Mask | None = None,
+             N: int = 0) -> int:
+    """Steps of an SP op that each pay the algorithm's fixed overhead: the ring's steps with attention work (of P
+    for ring, of P/U for usp; a step without work only forwards K/V), chain hops, or one round."""
+    if algorithm in ("ring", "usp"):
+        ring = P if algorithm == "ring" else P // ulysses
+        return ring_steps_with_work(mask or Mask(), ring, layout, N)
     if algorithm in ("lasp1", "zeco"):
         return (2 if layout == "zigzag" else 1) * (P - 1)
     return 1
@@ -331,7 +326,7 @@ def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
         t = scan_time(chain_links(hops, P, hw, layout), S, blocks)
         fwd, bwd = (c_fwd + t, c_bwd + t) if algorithm == "lasp1" else \
             (c_fwd + max(0.0, t - c_intra), overlapped_backward(c_bwd, t, shape, hw))
-        return OpCost(fwd, bwd, hops * S / P, hops * S / P, c_fwd, c_bwd, t, t, {"blocks": blocks})
+        return OpCost(fwd, bwd, hops * S / P, hops * S / P, c_fwd, c_bwd, t, t)
     if algorithm == "lasp2":
         k = chunks_per_rank(layout)
         decay = shape.batch * shape.heads * (shape.head_dim if shape.per_channel_decay else 1) * shape.state_elem
@@ -366,7 +361,6 @@ class StepCost:
     mfu: float
     memory: dict  # bytes per GPU by component, "total" their sum
     comm_bytes: float  # sent per GPU per step (SP and data-parallel)
-    exposed_comm_s: float
     breakdown: dict  # seconds per step by part
 
 
@@ -445,10 +439,11 @@ def step_cost(cfg, hw: Hardware, world: int, mask: Mask | None = None, elem: int
     m, P = cfg.model, cfg.parallel.sp_size
     tokens = cfg.data.batch_size * cfg.data.seq_len / P  # per GPU and micro-step
     ckpt = m.activation_checkpointing
-    fwd = bwd = recompute = exposed = comm = 0.0
+    fwd = bwd = recompute = comm = 0.0
     counts = model_counts(cfg)
+    ops = {mixer: mixer_cost(cfg, mixer, hw, mask, elem) for mixer, _ in counts.layer_weights}
     for (mixer, weights), mixer_weights in zip(counts.layer_weights, counts.mixer_weights):
-        op = mixer_cost(cfg, mixer, hw, mask, elem)
+        op = ops[mixer]
         gemm = 2 * weights * tokens / hw.matmul_flops
         elementwise = ELEMENTWISE_BYTES * m.d_model * elem * tokens / hw.memory_bandwidth
         fwd += op.fwd_s + gemm + elementwise
@@ -456,7 +451,6 @@ def step_cost(cfg, hw: Hardware, world: int, mask: Mask | None = None, elem: int
         if ckpt:
             recompute += op.fwd_s + (gemm + elementwise if m.checkpoint_mode == "block" else
                                      2 * mixer_weights * tokens / hw.matmul_flops)
-        exposed += op.fwd_s - op.fwd_compute_s + op.bwd_s - op.bwd_compute_s
         comm += op.fwd_bytes * (2 if ckpt else 1) + op.bwd_bytes
     head = 2 * m.d_model * m.vocab_size * tokens / hw.matmul_flops
     compute = fwd + bwd + recompute + 3 * head
@@ -473,7 +467,7 @@ def step_cost(cfg, hw: Hardware, world: int, mask: Mask | None = None, elem: int
     memory["sp_transient"] = sp_transient_bytes(cfg, elem)
     memory["total"] += memory["sp_transient"]
     return StepCost(step, step_tokens / step, model_flops / step / (world * hw.peak_flops), memory,
-                    accum * comm + dp_bytes, accum * exposed + dp_exposed,
+                    accum * comm + dp_bytes,
                     {"forward": accum * fwd, "backward": accum * bwd, "recompute": accum * recompute,
                      "head+loss": accum * 3 * head, "data_parallel_exposed": dp_exposed,
                      "optimizer": optimizer})

@@ -14,6 +14,7 @@ the bf16 parameters of the root and of two blocks gathered at once (one prefetch
 gradients, activations at `elem` bytes each (norms and states run in fp32 under autocast: a few percent more).
 Not measured on a GPU yet. The Triton kernels keep less inside the linear mixers (no decay tiles).
 """
+import dataclasses
 import math
 
 import torch
@@ -115,8 +116,9 @@ PARAMS: dict[int, tuple[int, int]] = {}
 
 def meta_model(cfg: ModelConfig) -> LM:
     """longtrain.trainer.model.LM of a model config on the meta device (no memory), built once per config: the
-    planner asks thousands of times."""
-    key = repr(OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg)
+    planner asks thousands of times, its candidates differing in checkpointing, which LM does not read."""
+    cfg = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    key = repr(dataclasses.replace(cfg, activation_checkpointing=False, checkpoint_mode="block"))
     if key not in META_MODELS:
         with torch.device("meta"):
             META_MODELS[key] = LM(cfg)
