@@ -65,6 +65,14 @@ def test_softmax_matches_naive(case, heads):
             torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
 
 
+@pytest.mark.parametrize("case", [dict(window=7), dict(window=3), dict(window=9, segment_ids=True),
+                                  dict(window=9, segment_ids="shared"), dict(q_start=20, k_start=0, window=12)],
+                         ids=str)
+def test_window_band_split_as_on_cuda_matches_naive(case, monkeypatch):
+    monkeypatch.setattr(reference, "splits_band", lambda device: True)  # CUDA's edge / all / diagonal blocks
+    test_softmax_matches_naive(case, (4, 2))
+
+
 @pytest.mark.parametrize("case", [dict(window=7), dict(q_start=30, k_start=10), dict(window=9, segment_ids=True)],
                          ids=str)
 def test_block_masks_built_without_the_cache_match_naive(case, monkeypatch):
@@ -151,11 +159,13 @@ def test_sigmoid_matches_naive(case):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["causal", "docs", "window", "offset"])
+@pytest.mark.parametrize("case", ["causal", "docs", "window", "window split", "offset"])
 def test_softmax_computes_only_visible_blocks(monkeypatch, case):
     """The fused operator sees only visible blocks, equal blocks batched into one call: causal one is_causal
-    call, 8 documents one call of 8 documents, a window its band in a few calls; no N x N mask is built."""
+    call, 8 documents one call of 8 documents, a window its band in a few calls (split into edge, unmasked
+    and diagonal blocks as on CUDA, or one masked block per query block as on CPU); no N x N mask is built."""
     monkeypatch.setattr(reference, "WINDOW_BLOCK", 128)
+    monkeypatch.setattr(reference, "splits_band", lambda device: case == "window split")
     N, calls = 1024, []
     real_forward = sdpa.forward
 
@@ -166,17 +176,19 @@ def test_softmax_computes_only_visible_blocks(monkeypatch, case):
     monkeypatch.setattr(sdpa, "forward", spy)
     q = k = v = torch.randn(1, 2, N, 16)
     seg = torch.arange(N).div(128, rounding_mode="floor")[None]
-    kw = dict(causal=dict(), docs=dict(segment_ids=seg), window=dict(window=128),
-              offset=dict(q_start=N, k_start=0))[case]
+    kw = dict(causal=dict(), docs=dict(segment_ids=seg), window=dict(window=128), offset=dict(q_start=N, k_start=0))
+    kw = kw[case.split()[0]]
     out, lse = softmax_attention(q, k[:, :, :N], v, **kw)
     assert torch.isfinite(lse).all()
     if case == "causal":
         assert calls == [(1, N, N, True, None)]
     if case == "docs":
         assert calls == [(8, 128, 128, True, None)]
-    if case == "window":
+    if case == "window split":
         pairs = sum(b * nq * nk / (2 if causal else 1) for b, nq, nk, causal, _ in calls)
         assert pairs <= N * (128 + 128 / 2) and max(m or 0 for *_, m in calls) <= 128 * 128 and len(calls) <= 3
+    if case == "window":  # the first query block, then the band's 7 others in one call
+        assert calls == [(1, 128, 128, True, None), (7, 128, 255, False, 128 * 255)]
     if case == "offset":  # every query after every key: one unmasked block
         assert calls == [(1, N, N, False, None)]
 

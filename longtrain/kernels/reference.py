@@ -81,13 +81,24 @@ def runs(seg: Tensor) -> list[tuple[int, int, int]]:
     return [(doc, end - n, end) for doc, n, end in zip(ids.tolist(), counts.tolist(), ends)]
 
 
+def splits_band(device: torch.device) -> bool:
+    """Whether a window band's query block runs as three blocks (the window's edge, keys all its rows see, the
+    diagonal) or one masked block. CUDA's flash kernel skips the diagonal's masked tiles and needs no bias on
+    the unmasked keys; the CPU operator computes key blocks of up to 512 in full whatever the mask, so there
+    one masked call costs the same pairs without two more calls and their merges."""
+    return device.type == "cuda"
+
+
 def attention_blocks(nq: int, nk: int, q_start: int, k_start: int, causal: bool, window: int | None,
-                     q_seg: Tensor | None, k_seg: Tensor | None) -> list[tuple[slice, int, int, int, int]]:
+                     q_seg: Tensor | None, k_seg: Tensor | None,
+                     split_band: bool = True) -> list[tuple[slice, int, int, int, int]]:
     """(batch rows, qa, qb, ka, kb) blocks covering every visible pair: per document, per query block of a
-    window band; each query block's keys split into the window's edge, keys all its rows see, and the diagonal."""
+    window band; each query block's keys split into the window's edge, keys all its rows see, and the diagonal
+    (a window band's only with split_band)."""
     if nq == 0 or nk == 0:
         return []
     step = nq if window is None else WINDOW_BLOCK
+    split = window is None or split_band
     blocks = []
     for rows, qa0, qb0, ka0, kb0 in doc_spans(q_seg, k_seg, nq, nk):
         for qa in range(qa0, qb0, step):
@@ -96,7 +107,7 @@ def attention_blocks(nq: int, nk: int, q_start: int, k_start: int, causal: bool,
             kb = min(kb0, q_start + qb - k_start) if causal else kb0
             seen_by_all = ka if window is None else q_start + qb - window - k_start
             diagonal = q_start + qa - k_start if causal else kb
-            cuts = [ka] + sorted(min(max(c, ka), kb) for c in (seen_by_all, diagonal)) + [kb]
+            cuts = [ka] + sorted(min(max(c, ka), kb) for c in (seen_by_all, diagonal) if split) + [kb]
             blocks += [(rows, qa, qb, a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
     return blocks
 
@@ -139,13 +150,17 @@ def block_groups(q: Tensor, k: Tensor, q_start: int, k_start: int, causal: bool,
     (equal documents, a window band's blocks): fewer calls hold up best when other processes share the cores."""
     groups = {}
     for rows, qa, qb, ka, kb in attention_blocks(q.shape[2], k.shape[2], q_start, k_start, causal, window, q_seg,
-                                                 k_seg):
+                                                 k_seg, splits_band(q.device)):
         mask, is_causal = block_mask(rows, qa, qb, ka, kb, q_start, k_start, causal, window, q_seg, k_seg, q.device)
-        if mask is not None and not mask.any():
-            continue
         key = (qb - qa, kb - ka, is_causal, id(mask))  # position masks are cached: equal blocks share one
         groups.setdefault(key, (mask, is_causal, []))[2].append((rows, qa, qb, ka, kb))
-    return list(groups.values())
+    return [group for group in groups.values() if group[0] is None or group[0].any()]
+
+
+def queries_disjoint(groups: list) -> bool:
+    """True when no query row is in two blocks: each group's result is final, no merge needed."""
+    blocks = [(block[0].start, block[1]) for _, _, group in groups for block in group]
+    return len(set(blocks)) == len(blocks)
 
 
 def stack(x: Tensor, group: list, lo: int) -> Tensor:
@@ -207,15 +222,19 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     qx, kx, vx = fused_inputs(q, k, v)
     out = q.new_zeros(B * Nq, Hq, qx.shape[-1], dtype=dt)  # rows b * Nq + i: one index op per group
     lse = q.new_full((B * Nq, Hq), -math.inf, dtype=dt)
-    for mask, is_causal, group in block_groups(q, k, q_start, k_start, causal, window, q_seg, k_seg):
+    groups = block_groups(q, k, q_start, k_start, causal, window, q_seg, k_seg)
+    merge = not queries_disjoint(groups)
+    for mask, is_causal, group in groups:
         o_grp, lse_grp = sdpa.forward(stack(qx, group, 1), stack(kx, group, 3), stack(vx, group, 3), mask,
                                       is_causal, scale)
         o_grp, lse_grp = o_grp.to(dt), lse_grp.to(dt)
-        if mask is not None:  # rows that see no key in this block: out 0, lse -inf
-            seen = mask.any(-1)
+        seen = None if mask is None else mask.any(-1)
+        if seen is not None and not seen.all():  # rows that see no key in this block: out 0, lse -inf
             o_grp, lse_grp = o_grp.masked_fill(~seen[..., None], 0.0), lse_grp.masked_fill(~seen, -math.inf)
         idx = flat_index(group, 1, Nq, B, q.device)  # rows are unique within a group
-        o_grp, lse_grp = merge_partials(out[idx], lse[idx], flat(o_grp), flat(lse_grp))  # exact on empty rows
+        o_grp, lse_grp = flat(o_grp), flat(lse_grp)
+        if merge:
+            o_grp, lse_grp = merge_partials(out[idx], lse[idx], o_grp, lse_grp)  # exact on empty rows
         out.index_copy_(0, idx, o_grp)
         lse.index_copy_(0, idx, lse_grp)
     return out.view(B, Nq, Hq, -1).transpose(1, 2)[..., :Dv], lse.view(B, Nq, Hq).transpose(1, 2)
@@ -253,7 +272,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         dk.index_add_(0, k_idx, flat(grads[1]).to(dt))
         dv.index_add_(0, k_idx, flat(grads[2]).to(dt))
     dq = dq.view(B, Nq, Hq, W).transpose(1, 2)
-    dk, dv = (x.view(B, Nk, Hkv, Hq // Hkv, W).sum(3).transpose(1, 2) for x in (dk, dv))
+    if Hq > Hkv:  # GQA: sum the repeated heads' gradients
+        dk, dv = (x.view(B * Nk, Hkv, Hq // Hkv, W).sum(2) for x in (dk, dv))
+    dk, dv = (x.view(B, Nk, Hkv, W).transpose(1, 2) for x in (dk, dv))
     return dq[..., :D], dk[..., :D], dv[..., :Dv]
 
 
