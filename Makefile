@@ -20,7 +20,7 @@ test: $(STAMP)
 
 # One GPU, under 8 minutes: compiled Triton tests, kernel and op benchmarks, a 32k training run, peak
 # memory per N; appends a dated section to benchmarks/RESULTS.md. fla (chunk_gla baseline) is optional.
-GPU_WHEELS = omegaconf==2.4.0 fla-core==0.6.0
+GPU_WHEELS = omegaconf==2.4.0 fla-core==0.6.0 pytest-xdist==3.8.0 execnet==2.1.1
 
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl $(GPU_WHEELS)

@@ -43,12 +43,17 @@ def time_fwd_bwd(step, repeats: int, device: torch.device) -> tuple[float, int, 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table of rows (dicts) in the given column order; printed and returned."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt(row[c]) for c in columns) + " |")
-    text = "\n".join(lines)
+    text = "\n".join([table_header(columns)] + [table_line(row, columns) for row in rows])
     print(text)
     return text
+
+
+def table_header(columns: list[str]) -> str:
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def table_line(row: dict, columns: list[str]) -> str:
+    return "| " + " | ".join(fmt(row[c]) for c in columns) + " |"
 
 
 def fmt(value) -> str:

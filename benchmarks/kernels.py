@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import plot, print_table  # noqa: E402
+from common import plot, table_header, table_line  # noqa: E402
 
 TOKENS = 16384  # batch * N held fixed, so every N does comparable work
 
@@ -21,17 +21,37 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
-def attention_flops(B: int, H: int, N: int, D: int, mode: str) -> float:
-    """Causal attention FLOPs: 2 matmuls of 2*N*N*D, halved by the mask; backward 2.5x forward."""
-    fwd = 2 * 2 * B * H * N * N * D / 2
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+def attention_flops(B: int, H: int, N: int, D: int) -> float:
+    """Causal attention forward FLOPs: 2 matmuls of 2*N*N*D, halved by the mask (the backward does 2.5x)."""
+    return 2 * 2 * B * H * N * N * D / 2
 
 
-def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
+COLUMNS = ["kernel", "D", "N", "mode", "ms", "TFLOP/s", "max err"]
+
+
+def emit(rows: list[dict], kernel: str, D: int, N: int, err: float, timings: list[tuple[str, float, float]]) -> None:
+    """Add a kernel's (mode, ms, FLOPs) rows and print them at once: a step cut short by its time limit keeps
+    the rows measured so far."""
+    for mode, ms, flops in timings:
+        rows.append({"kernel": kernel, "D": D, "N": N, "mode": mode, "ms": ms, "TFLOP/s": flops / ms / 1e9,
+                     "max err": err})
+        print(table_line(rows[-1], COLUMNS), flush=True)
+
+
+def fwd_bwd_timings(fn, inputs: list, dout, fwd_flops: float, bwd_ratio: float) -> list[tuple[str, float, float]]:
+    """(mode, ms, FLOPs) of fn's forward, its backward (bwd_ratio times the forward's FLOPs) and both."""
+    out = fn()
+    return [("fwd", bench_ms(fn), fwd_flops),
+            ("bwd", bench_ms(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)),
+             bwd_ratio * fwd_flops),
+            ("fwd+bwd", bench_ms(lambda: torch.autograd.grad(fn(), inputs, dout)), (1 + bwd_ratio) * fwd_flops)]
+
+
+def flash_rows(sizes: list[int], head_dims: list[int], rows: list[dict]) -> None:
+    """Causal bf16 attention, ours (Triton) and SDPA's flash kernel; max err of each output vs fp32 SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longtrain.attention import softmax_attention
-    rows = []
     for D in head_dims:
         H = 2048 // D
         for N in sizes:
@@ -39,6 +59,8 @@ def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
             q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
             dout = torch.randn_like(q)
+            with torch.no_grad():
+                want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
 
             def ours():
                 return softmax_attention(q, k, v, backend="triton")[0]
@@ -48,48 +70,42 @@ def flash_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
             for name, fn in (("triton", ours), ("sdpa-flash", sdpa)):
-                out = fn()
-                t_fwd = bench_ms(fn)
-                t_bwd = bench_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
-                t_all = bench_ms(lambda: torch.autograd.grad(fn(), (q, k, v), dout))
-                for mode, t in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_all)):
-                    rows.append({"kernel": name, "D": D, "N": N, "mode": mode, "ms": t,
-                                 "TFLOP/s": attention_flops(B, H, N, D, mode) / t / 1e9})
+                with torch.no_grad():
+                    err = (fn().float() - want).abs().max().item()
+                emit(rows, name, D, N, err, fwd_bwd_timings(fn, [q, k, v], dout, attention_flops(B, H, N, D), 2.5))
+            del want
             torch.cuda.empty_cache()
-    return rows
 
 
-def linear_rows(sizes: list[int], head_dims: list[int]) -> list[dict]:
-    """GLA (per-channel decay) through the public op, forward / backward / both, vs fla's chunk_gla."""
+def linear_rows(sizes: list[int], head_dims: list[int], rows: list[dict]) -> None:
+    """GLA (per-channel decay) through the public op vs fla's chunk_gla, bf16; max err vs the torch path in fp32."""
     from longtrain.attention import linear_attention
     try:
         from fla.ops.gla import chunk_gla
     except Exception as e:  # not installed, or built for another Triton
         chunk_gla = None
         print(f"fla's chunk_gla unavailable ({type(e).__name__}: {e}): linear kernel shown without that baseline")
-    rows = []
     for D, N in ((D, N) for D in head_dims for N in sizes):
         H, B = 2048 // D, max(1, TOKENS // N)
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         g = F.logsigmoid(torch.randn(B, H, N, D, device="cuda")) / 16
         dout = torch.randn_like(v)
-        fwd_flops = 4 * B * H * N * D * (D + 64)  # state update + readout + intra-chunk, per token; bwd ~2x
+        with torch.no_grad():
+            want, _ = linear_attention(q.float(), k.float(), v.float(), log_decay=g, backend="torch")
+        fwd_flops = 4 * B * H * N * D * (D + 64)  # state update + readout + intra-chunk, per token
         ours = [t.clone().requires_grad_() for t in (q, k, v, g)]
         candidates = [("triton-gla", ours, lambda: linear_attention(*ours[:3], log_decay=ours[3], backend="triton")[0],
-                       dout)]
+                       dout, lambda out: out)]
         if chunk_gla is not None:
             theirs = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v, g)]  # [B, N, H, D]
-            candidates.append(("fla-chunk_gla", theirs, lambda: chunk_gla(*theirs)[0], dout.transpose(1, 2)))
-        for name, inputs, fn, grad_out in candidates:
-            out = fn()
-            timings = (("fwd", bench_ms(fn), fwd_flops),
-                       ("bwd", bench_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)),
-                        2 * fwd_flops),
-                       ("fwd+bwd", bench_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out)), 3 * fwd_flops))
-            for mode, t, flops in timings:
-                rows.append({"kernel": name, "D": D, "N": N, "mode": mode, "ms": t, "TFLOP/s": flops / t / 1e9})
+            candidates.append(("fla-chunk_gla", theirs, lambda: chunk_gla(*theirs)[0], dout.transpose(1, 2),
+                               lambda out: out.transpose(1, 2)))
+        for name, inputs, fn, grad_out, to_bhnd in candidates:
+            with torch.no_grad():
+                err = (to_bhnd(fn()).float() - want).abs().max().item()
+            emit(rows, name, D, N, err, fwd_bwd_timings(fn, inputs, grad_out, fwd_flops, 2.0))
+        del want
         torch.cuda.empty_cache()
-    return rows
 
 
 def print_tuned_configs() -> None:
@@ -126,8 +142,10 @@ def main() -> None:
         smoke()
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = flash_rows(args.n, args.d) + linear_rows(args.n, args.d)
-    print_table(rows, ["kernel", "D", "N", "mode", "ms", "TFLOP/s"])
+    print(table_header(COLUMNS), flush=True)
+    rows = []
+    flash_rows(args.n, args.d, rows)
+    linear_rows(args.n, args.d, rows)
     print_tuned_configs()
     plot([r for r in rows if r["mode"] == "fwd+bwd"], "N", "TFLOP/s",
          ["kernel", "D", "mode"], args.out, "attention kernels, bf16 causal")

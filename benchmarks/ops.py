@@ -23,9 +23,9 @@ SOFTMAX_OPS = ("sdpa causal", "causal", "docs 512", "window 512")
 LINEAR_OPS = ("gla", "scalar decay", "no decay")
 
 
-def make_step(op: str, n: int, heads: int, dim: int, backend: str, device: torch.device):
+def make_step(op: str, n: int, heads: int, dim: int, backend: str, device: torch.device, dtype: torch.dtype):
     """A closure running op's forward+backward once at length n."""
-    q, k, v = (torch.randn(1, heads, n, dim, device=device, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     seg = (torch.arange(n, device=device) // 512)[None]
     decay = {"gla": (1, heads, n, dim), "scalar decay": (1, heads, n)}.get(op)
     g = None if decay is None else (-0.1 * torch.rand(*decay, device=device)).requires_grad_()
@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="inputs' dtype (default: bfloat16 on a GPU, as training runs there; float32 on CPU)")
     p.add_argument("--ops", nargs="+", default=list(SOFTMAX_OPS + LINEAR_OPS), choices=SOFTMAX_OPS + LINEAR_OPS,
                    help="ops to run (default: all)")
     p.add_argument("--out", default="benchmarks/ops.png")
@@ -81,10 +83,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     rows, ms = [], {}
     for n in sorted(set(args.n + args.linear_n)):
         ops = [op for op in args.ops if op in LINEAR_OPS or n in args.n]
-        steps = {op: make_step(op, n, args.heads, args.head_dim, args.backend, device) for op in ops}
+        steps = {op: make_step(op, n, args.heads, args.head_dim, args.backend, device, dtype) for op in ops}
         best = best_times(steps, args.repeats, device)
         ms.update({(op, n): best[op] * 1e3 for op in ops})
         for op in ops:
@@ -94,7 +97,7 @@ def main() -> None:
     print_table(rows, ["op", "N", "ms", "x sdpa causal"])
     check_targets(ms)
     plot(rows, "N", "ms", ["op"], args.out, f"forward+backward, B=1, H={args.heads}, D={args.head_dim}, {device.type}, "
-         f"{torch.get_num_threads()} threads")
+         f"{str(dtype)[6:]}, {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

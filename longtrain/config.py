@@ -73,6 +73,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 0
+    save_last: bool = True  # a checkpoint at the end and on a stop signal; false only for runs whose state is not kept
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda
     offload_activations: bool = False  # blocks' saved activations go to CPU memory (where not recomputed)

@@ -119,6 +119,13 @@ def test_every_run_ends_with_a_checkpoint_a_plot_and_where_the_outputs_are(tmp_p
     assert cli(["plot", str(tmp_path / "checkpoints")]) == 2
 
 
+def test_save_last_false_writes_no_checkpoint(tmp_path, capsys):
+    """Benchmark runs (gpu_check) skip the final save: nothing under checkpoints/, and the last line says so."""
+    train(small_config(tmp_path, "train.steps=2", "train.save_last=false"))
+    assert not os.path.exists(tmp_path / "checkpoints")
+    assert capsys.readouterr().out.splitlines()[-2] == "done: step 2 not saved (train.save_last=false)"
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "step_00000005.tmp")
     trainer = Trainer(small_config(tmp_path, "train.steps=1"))

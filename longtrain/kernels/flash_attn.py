@@ -9,7 +9,7 @@ per position on the device, no host sync, whatever the tile size); a kernel read
 and last row, skips tiles outside them and runs tiles inside one document unmasked. A batch row whose ids
 decrease somewhere (not packed documents) falls back to masking every visited tile. Softmax runs in base 2
 with log2(e) folded into the scale. On a GPU the autotuner picks tile sizes, warps and pipeline stages
-per shape; the interpreter runs one small config. kind="sigmoid" runs sigmoid attention in the same kernels.
+per shape; the interpreter (and LONGTRAIN_TRITON_AUTOTUNE=0) runs one small config. kind="sigmoid" runs sigmoid attention in the same kernels.
 """
 import math
 import os
@@ -31,8 +31,9 @@ DQ_BLOCKS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (
 
 
 def _configs(blocks: list[tuple[int, int, int, int]]) -> list:
-    """Autotune candidates on a GPU; one config in the interpreter, where timing means nothing."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """Autotune candidates on a GPU; one config in the interpreter, where timing means nothing, and with
+    LONGTRAIN_TRITON_AUTOTUNE=0 (tests on a GPU, where compiling every candidate would take most of the time)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("LONGTRAIN_TRITON_AUTOTUNE") == "0":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in blocks]
 
@@ -161,7 +162,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q
                 SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -257,7 +258,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, QDOC, KDOC, sm
                      BLOCK_D: tl.constexpr):
     """dK, dV of one key tile, summed over the G query heads that share it and every visible query tile."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
     b = bh // Hkv
     hk = bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -317,7 +318,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, QDOC, KDOC, sm_scale
                    BLOCK_D: tl.constexpr):
     """dQ of one query tile over every visible key tile."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
     b = bh // Hq
     h = bh % Hq
     hk = h // G

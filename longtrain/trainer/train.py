@@ -225,13 +225,14 @@ class Trainer:
                 self.metrics.log(self.step, {k[5:]: v for k, v in last.items() if k.startswith("eval_")}, "eval")
             if t.save_every and self.step % t.save_every == 0:
                 self.save()
-        if self.saved_step != self.step:
+        if t.save_last and self.saved_step != self.step:
             self.save()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         self.metrics.close()
         if self.rank0:
-            print(f"{'stop requested' if self.stop_requested else 'done'}: step {self.step} saved in {self.saved_path}")
+            saved = f"saved in {self.saved_path}" if self.saved_step == self.step else "not saved (train.save_last=false)"
+            print(f"{'stop requested' if self.stop_requested else 'done'}: step {self.step} {saved}")
             plot = None if self.stop_requested else plot_run(self.cfg.run.dir)  # a stop keeps to its time budget
             print(f"outputs in {self.cfg.run.dir}: config.yaml, metrics.jsonl, {'metrics.png, ' if plot else ''}"
                   f"checkpoints/")
