@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,17 +64,22 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
 
 
 def run(cmd: list[str], timeout: float, env: dict, log: str) -> tuple[bool, float, str]:
-    """(succeeded, seconds, output) of one command; its whole output also goes to `log`."""
+    """(succeeded, seconds, output) of one command. Its output goes to `log` as it comes, so a run cut short
+    (here or by the device's own limit) keeps it; on timeout its whole process group goes (xdist workers too)."""
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env={**os.environ, **env})
-        ok, out = proc.returncode == 0, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:  # carries the output so far, as bytes
-        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
-        ok, out = False, f"{out}\ntimed out after {timeout:.0f} s"
     with open(log, "w") as f:
-        f.write(out)
-    return ok, time.perf_counter() - t0, out
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=max(timeout, 1))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            timed_out = True
+    with open(log) as f:
+        out = f.read() + (f"\ntimed out after {timeout:.0f} s" if timed_out else "")
+    return not timed_out and proc.returncode == 0, time.perf_counter() - t0, out
 
 
 def last_metrics(run_dir: str) -> dict:
@@ -81,7 +87,12 @@ def last_metrics(run_dir: str) -> dict:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
-    records = [json.loads(line) for line in open(path) if '"train/' in line]
+    records = []
+    for line in open(path):
+        try:
+            records += [json.loads(line)] if '"train/' in line else []
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            pass
     return records[-1] if records else {}
 
 
@@ -136,8 +147,8 @@ def main() -> None:
             memory.append(f"| {n} | not run (time budget) |")
             break
         run_dir = f"{RUNS}/mem_{n}"
-        ok, _, out = run(train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1",
-                                   f"data.seq_len={n}"), min(90, left()), {}, os.path.join(out_dir, "logs", f"mem_{n}.log"))
+        cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
+        ok, _, out = run(cmd, min(90, left()), {}, os.path.join(out_dir, "logs", f"mem_{n}.log"))
         memory.append(f"| {n} | {memory_cell(ok, last_metrics(run_dir).get('train/peak_mem_gb'), out)} |")
         save(False)
         if not ok:

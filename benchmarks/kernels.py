@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import plot, table_header, table_line  # noqa: E402
+from longtrain.plan.cost import ATTENTION_BWD_RATIO, OpShape, attention_flop_count, linear_flop_count  # noqa: E402
 
 TOKENS = 16384  # batch * N held fixed, so every N does comparable work
 
@@ -19,11 +20,6 @@ TOKENS = 16384  # batch * N held fixed, so every N does comparable work
 def bench_ms(fn) -> float:
     import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=50)
-
-
-def attention_flops(B: int, H: int, N: int, D: int) -> float:
-    """Causal attention forward FLOPs: 2 matmuls of 2*N*N*D, halved by the mask (the backward does 2.5x)."""
-    return 2 * 2 * B * H * N * N * D / 2
 
 
 COLUMNS = ["kernel", "D", "N", "mode", "ms", "TFLOP/s", "max err"]
@@ -72,7 +68,8 @@ def flash_rows(sizes: list[int], head_dims: list[int], rows: list[dict]) -> None
             for name, fn in (("triton", ours), ("sdpa-flash", sdpa)):
                 with torch.no_grad():
                     err = (fn().float() - want).abs().max().item()
-                emit(rows, name, D, N, err, fwd_bwd_timings(fn, [q, k, v], dout, attention_flops(B, H, N, D), 2.5))
+                flops = attention_flop_count(OpShape(B, N, H, H, D), N * (N + 1) / 2)
+                emit(rows, name, D, N, err, fwd_bwd_timings(fn, [q, k, v], dout, flops, ATTENTION_BWD_RATIO))
             del want
             torch.cuda.empty_cache()
 
@@ -92,7 +89,7 @@ def linear_rows(sizes: list[int], head_dims: list[int], rows: list[dict]) -> Non
         dout = torch.randn_like(v)
         with torch.no_grad():
             want, _ = linear_attention(q.float(), k.float(), v.float(), log_decay=g, backend="torch")
-        fwd_flops = 4 * B * H * N * D * (D + 64)  # state update + readout + intra-chunk, per token
+        fwd_flops = sum(linear_flop_count(OpShape(B, N, H, H, D, chunk=64), B * N * H))
         ours = [t.clone().requires_grad_() for t in (q, k, v, g)]
         candidates = [("triton-gla", ours, lambda: linear_attention(*ours[:3], log_decay=ours[3], backend="triton")[0],
                        dout, lambda out: out)]

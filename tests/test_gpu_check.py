@@ -6,6 +6,7 @@ the report rewritten after each step into $OUT) must work before it ever runs th
 import importlib.util
 import os
 import sys
+import time
 
 import torch
 
@@ -28,7 +29,9 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     py = sys.executable
     monkeypatch.setattr(gpu_check, "steps", lambda out_dir: [
         ("prints a table", [py, "-c", "print('| a | 1 |')"], 30, {}),
-        ("cut by its limit", [py, "-c", "import time; print('| b | 2 |'); time.sleep(60)"], 3, {}),
+        ("cut by its limit", [py, "-c", "import subprocess, sys, time; print('| b | 2 |'); print('worker', subprocess."
+                                        "Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid, flush=True); "
+                                        "time.sleep(60)"], 3, {}),
         ("fails", [py, "-c", "import os, sys; print('boom', os.environ['STEP_ENV']); sys.exit(3)"], 30,
          {"STEP_ENV": "seen"})])
     for name in ("PYTHONPATH", "PYTHONUNBUFFERED"):  # main sets them for its steps; restored after the test
@@ -43,3 +46,24 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     assert "| cut by its limit | FAILED |" in report and "| b | 2 |" in report and "timed out after 3 s" in report
     assert "| fails | FAILED |" in report and "boom seen" in report
     assert sorted(os.listdir(tmp_path / "out" / "logs")) == ["0.log", "1.log", "2.log"]
+    worker = int(report.split("worker ")[1].split()[0])  # the cut step's own child went with it (SIGKILL: at once)
+    for _ in range(20):
+        if not alive(worker):
+            break
+        time.sleep(0.05)
+    assert not alive(worker)
+
+
+def alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, killed but not yet reaped by init, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_half_written_metrics_line_is_skipped(tmp_path):
+    gpu_check = load_gpu_check()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+    assert gpu_check.last_metrics(str(tmp_path)) == {"step": 1, "train/loss": 2.0}

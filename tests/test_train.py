@@ -123,7 +123,9 @@ def test_save_last_false_writes_no_checkpoint(tmp_path, capsys):
     """Benchmark runs (gpu_check) skip the final save: nothing under checkpoints/, and the last line says so."""
     train(small_config(tmp_path, "train.steps=2", "train.save_last=false"))
     assert not os.path.exists(tmp_path / "checkpoints")
-    assert capsys.readouterr().out.splitlines()[-2] == "done: step 2 not saved (train.save_last=false)"
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "done: step 2 not saved (train.save_last=false)",
+        f"outputs in {tmp_path}: config.yaml, metrics.jsonl, metrics.png"]
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

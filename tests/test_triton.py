@@ -163,6 +163,7 @@ def test_public_op_with_triton_backend_runs_autograd():
     outs = []
     for backend in ("triton", "torch"):
         out, lse = softmax_attention(q, k, v, window=30, backend=backend)
+        assert out.transpose(1, 2).is_contiguous()  # [B, N, H, D] in memory: the output projection's view
         grads = torch.autograd.grad((out * out).sum() + lse.sum(), (q, k, v))
         outs.append((out, lse, grads))
     for got, want in zip(outs[0][2], outs[1][2]):
@@ -212,6 +213,42 @@ def test_linear_kernel_takes_keys_in_another_dtype():
     ref, _ = reference.linear_attention_chunked(qh.float(), k.half().float(), vh.float(), scale=0.25, log_decay=g)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the autotune candidates compile on a GPU only (the interpreter runs one)")
+@pytest.mark.parametrize("index", range(5))
+def test_flash_attention_runs_every_autotune_candidate(index, monkeypatch):
+    """Candidate `index` of each kernel's autotune list alone (the other tests run one config), bf16, on a window
+    with documents at a ring offset, against the fp32 reference. A config too large for this GPU skips."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    from longtrain.kernels import flash_attn
+    for kernel, blocks in ((flash_attn._fwd_kernel, flash_attn.FWD_BLOCKS),
+                           (flash_attn._bwd_dkdv_kernel, flash_attn.DKDV_BLOCKS),
+                           (flash_attn._bwd_dq_kernel, flash_attn.DQ_BLOCKS)):
+        m, n, warps, stages = blocks[index]
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps,
+                                                              num_stages=stages)])
+        monkeypatch.setattr(kernel, "cache", {})
+    B, Hq, Hkv, N, shift, D = 2, 4, 2, 300, 64, 64
+    q = rand(B, Hq, N, D, seed=1, dtype=torch.bfloat16)
+    k, v = rand(B, Hkv, N + shift, D, seed=2, dtype=torch.bfloat16), rand(B, Hkv, N + shift, D, seed=3,
+                                                                          dtype=torch.bfloat16)
+    seg = segments(B, N, starts=(29, 190), last_row_start=120, shift=shift)
+    case = dict(scale=0.125, causal=True, window=100, q_seg=seg[:, shift:], k_seg=seg, q_start=shift)
+    try:
+        out, lse = flash.attention_forward(q, k, v, **case)
+        dout = rand(*out.shape, seed=4, dtype=torch.bfloat16)
+        grads = flash.attention_backward(dout, q, k, v, out, lse, **case)
+    except OutOfResources as e:
+        pytest.skip(f"candidate {index} does not fit this GPU: {e}")
+    ref_out, ref_lse = reference.attention_forward(q.float(), k.float(), v.float(), **case)
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
+    ref_grads = reference.attention_backward(dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, **case)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2, msg=f"d{name}")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 speed-path check needs a CUDA GPU; CPU runs the interpreter tests")

@@ -9,7 +9,8 @@ per position on the device, no host sync, whatever the tile size); a kernel read
 and last row, skips tiles outside them and runs tiles inside one document unmasked. A batch row whose ids
 decrease somewhere (not packed documents) falls back to masking every visited tile. Softmax runs in base 2
 with log2(e) folded into the scale. On a GPU the autotuner picks tile sizes, warps and pipeline stages
-per shape; the interpreter (and LONGTRAIN_TRITON_AUTOTUNE=0) runs one small config. kind="sigmoid" runs sigmoid attention in the same kernels.
+per shape; the interpreter (and LONGTRAIN_TRITON_AUTOTUNE=0) runs one small config. kind="sigmoid" runs
+sigmoid attention in the same kernels.
 """
 import math
 import os
@@ -162,7 +163,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q
                 SIGMOID: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -258,7 +259,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, QDOC, KDOC, sm
                      BLOCK_D: tl.constexpr):
     """dK, dV of one key tile, summed over the G query heads that share it and every visible query tile."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     b = bh // Hkv
     hk = bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -318,7 +319,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, QDOC, KDOC, sm_scale
                    BLOCK_D: tl.constexpr):
     """dQ of one query tile over every visible key tile."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -398,7 +399,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     q, k, v, (segs, has_seg) = _prepare(q, k, v, q_seg, k_seg)
-    out = torch.empty(B, Hq, Nq, D, device=q.device, dtype=torch.float32)
+    # [B, Nq, Hq, D] in memory, as the output projection reads it: the model's transpose and reshape are views
+    out = torch.empty(B, Nq, Hq, D, device=q.device, dtype=torch.float32).transpose(1, 2)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     _fwd_kernel[grid](q, k, v, out, lse, *segs, scale, sigmoid_bias, q_start, k_start, Nq, Nk, Hq, Hq // Hkv, D,

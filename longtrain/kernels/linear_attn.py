@@ -48,7 +48,7 @@ def _scan_kernel(X, Y, BC, SEEN, INIT, STATES, FINAL, x_scale, N, NP, H, DK, DV,
     state entering chunk c. Reverse: x = q, y = dO, w = scale exp(b) for tokens before the chunk's first
     document start; STATES[c] is the gradient of the state leaving chunk c, FINAL that of the initial state.
     """
-    bh = tl.program_id(0).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     b = bh // H
     n_chunks = NP // CHUNK
     offs_t = tl.arange(0, CHUNK)
@@ -91,7 +91,7 @@ def _output_kernel(Q, K, V, BC, SEEN, STATES, OUT, scale, N, NP, H, DK, DV, sbn,
                    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """One SUB-row tile of one Dv block: (q exp(b)) @ S_chunk plus the tile's pairs with earlier keys."""
     r0 = tl.program_id(0) * SUB
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     b = bh // H
     c0 = (r0 // CHUNK) * CHUNK
     dt = Q.dtype.element_ty
@@ -154,7 +154,7 @@ def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N
     tile as queries against earlier key tiles (dq) and as keys against later query tiles (dk, dv).
     """
     r0 = tl.program_id(0) * SUB
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     pid_v = tl.program_id(2)
     b = bh // H
     c0 = (r0 // CHUNK) * CHUNK

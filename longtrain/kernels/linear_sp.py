@@ -17,7 +17,7 @@ def _correction_fwd_kernel(OUT, OUT_IN, Q, BC, FROM, S, scale, N, H, DK, DV, sbn
                            HAS_FROM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_V: tl.constexpr):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     pid_v = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -44,7 +44,7 @@ def _correction_bwd_kernel(DOUT, Q, BC, FROM, S, DQ, DB, DS, scale, N, H, DK, DV
                            HAS_FROM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_V: tl.constexpr):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
@@ -72,7 +72,7 @@ def _correction_bwd_kernel(DOUT, Q, BC, FROM, S, DQ, DB, DS, scale, N, H, DK, DV
 
 @triton.jit
 def _combine_kernel(OUT, A, S_IN, M, DK, DV, sak, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)  # offsets like (bh * N + row) * D pass 2**31 at long N
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: they pass 2**31 at long N
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     mask = (offs_k < DK)[:, None] & (offs_v < DV)[None, :]

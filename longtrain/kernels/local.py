@@ -9,10 +9,11 @@ class LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_seg, k_seg, backend, opts):
         out, lse = backend.attention_forward(q, k, v, q_seg=q_seg, k_seg=k_seg, **opts)
+        out = out.to(q.dtype)  # saved as returned; [B, N, H, D] in memory, so the output projection saves it too
         ctx.save_for_backward(q, k, v, out, lse, q_seg, k_seg)
         ctx.backend, ctx.opts = backend, opts
         ctx.set_materialize_grads(False)  # dlse stays None when lse is unused (the fused backward's fast path)
-        return out.to(q.dtype), lse
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):

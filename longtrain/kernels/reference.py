@@ -2,8 +2,9 @@
 
 Shapes are [B, H, N, D]. Softmax attention runs PyTorch's fused attention operators with lse out and
 their backward (sdpa.py) on blocks that hold only visible pairs: one block per document (varlen
-style), query blocks of a window's band, and per query block the keys before it (unmasked) apart
-from the diagonal block (`is_causal`). What those operators cannot express runs the tile loop
+style), query blocks of a window's band (each one masked block on CPU; on CUDA split into the window's
+edge, the keys all its rows see, and the diagonal), and per query block the keys before it (unmasked)
+apart from the diagonal block (`is_causal`). What those operators cannot express runs the tile loop
 (online softmax forward, FlashAttention-2 backward, masked tiles skipped): sigmoid attention, and
 float64 on CUDA. Only blocks that need one get a mask (window edges, documents sharing a block, keys
 off the diagonal). The Triton kernels expose exactly these signatures.
@@ -81,17 +82,18 @@ def runs(seg: Tensor) -> list[tuple[int, int, int]]:
     return [(doc, end - n, end) for doc, n, end in zip(ids.tolist(), counts.tolist(), ends)]
 
 
-def splits_band(device: torch.device) -> bool:
+def splits_band(device: torch.device, window: int | None) -> bool:
     """Whether a window band's query block runs as three blocks (the window's edge, keys all its rows see, the
     diagonal) or one masked block. CUDA's flash kernel skips the diagonal's masked tiles and needs no bias on
     the unmasked keys; the CPU operator computes key blocks of up to 512 in full whatever the mask, so there
-    one masked call costs the same pairs without two more calls and their merges."""
-    return device.type == "cuda"
+    one masked call costs the same pairs without two more calls and their merges, while its mask stays small
+    enough to be cached and shared by every query block (one batched call)."""
+    masked = WINDOW_BLOCK * ((window or 0) + WINDOW_BLOCK)
+    return device.type == "cuda" or masked > CACHED_MASK_ELEMENTS
 
 
 def attention_blocks(nq: int, nk: int, q_start: int, k_start: int, causal: bool, window: int | None,
-                     q_seg: Tensor | None, k_seg: Tensor | None,
-                     split_band: bool = True) -> list[tuple[slice, int, int, int, int]]:
+                     q_seg: Tensor | None, k_seg: Tensor | None, split_band: bool) -> list[tuple[slice, int, int, int, int]]:
     """(batch rows, qa, qb, ka, kb) blocks covering every visible pair: per document, per query block of a
     window band; each query block's keys split into the window's edge, keys all its rows see, and the diagonal
     (a window band's only with split_band)."""
@@ -150,7 +152,7 @@ def block_groups(q: Tensor, k: Tensor, q_start: int, k_start: int, causal: bool,
     (equal documents, a window band's blocks): fewer calls hold up best when other processes share the cores."""
     groups = {}
     for rows, qa, qb, ka, kb in attention_blocks(q.shape[2], k.shape[2], q_start, k_start, causal, window, q_seg,
-                                                 k_seg, splits_band(q.device)):
+                                                 k_seg, splits_band(q.device, window)):
         mask, is_causal = block_mask(rows, qa, qb, ka, kb, q_start, k_start, causal, window, q_seg, k_seg, q.device)
         key = (qb - qa, kb - ka, is_causal, id(mask))  # position masks are cached: equal blocks share one
         groups.setdefault(key, (mask, is_causal, []))[2].append((rows, qa, qb, ka, kb))
@@ -229,7 +231,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: 
                                       is_causal, scale)
         o_grp, lse_grp = o_grp.to(dt), lse_grp.to(dt)
         seen = None if mask is None else mask.any(-1)
-        if seen is not None and not seen.all():  # rows that see no key in this block: out 0, lse -inf
+        # rows that see no key in this block: out 0, lse -inf (on CUDA unconditionally: asking would sync)
+        if seen is not None and (q.is_cuda or not seen.all()):
             o_grp, lse_grp = o_grp.masked_fill(~seen[..., None], 0.0), lse_grp.masked_fill(~seen, -math.inf)
         idx = flat_index(group, 1, Nq, B, q.device)  # rows are unique within a group
         o_grp, lse_grp = flat(o_grp), flat(lse_grp)
@@ -286,8 +289,8 @@ def fold_delta(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor | None
     dP = dO V^T - delta while rowsum(dO * O) = 0; dq, dk, dv keep their first columns. In bf16/fp16 delta
     takes two columns, its rounding and the rest, so dP - delta keeps float32's precision where dP ~ delta.
     """
-    if delta is None:
-        delta = (dout[..., :out.shape[-1]].to(out.dtype) * out).sum(-1)
+    if delta is None:  # in float32 at least: out may come in bf16 (saved as returned), as FlashAttention-2 keeps it
+        delta = (dout[..., :out.shape[-1]].to(acc_dtype(out)) * out.to(acc_dtype(out))).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(delta.dtype)
     width, parts = q.shape[-1], 2 if dout.element_size() < 4 else 1

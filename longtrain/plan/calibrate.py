@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from longtrain.kernels import get_backend
 from longtrain.parallel import LINEAR_SP, SOFTMAX_SP, comm, sp_linear_attention, sp_softmax_attention
-from longtrain.plan.cost import Mask, OpShape, linear_op_cost, overhead_key, softmax_op_cost, sp_steps
+from longtrain.plan.cost import (ATTENTION_BWD_RATIO, Mask, OpShape, attention_flop_count, linear_flop_count,
+                                 linear_op_cost, overhead_key, softmax_op_cost, sp_steps)
 from longtrain.plan.hardware import KINDS, Hardware, Link, load_profile
 
 SIZES = [2 ** 12, 2 ** 16, 2 ** 20, 2 ** 22]  # message bytes for the collectives
@@ -69,15 +70,16 @@ def attention_flops(device: torch.device, dtype: torch.dtype, lengths: list[int]
         q, k, v, dout = (torch.randn(1, heads, n, dim, device=device, dtype=dtype) for _ in range(4))
         opts = dict(scale=dim ** -0.5, causal=True)
         out, lse = kernels.attention_forward(q, k, v, **opts)
-        flops = 4 * dim * heads * n * (n + 1) / 2
+        flops = attention_flop_count(OpShape(1, n, heads, heads, dim), n * (n + 1) / 2)
         fwd[n] = flops / timed(lambda: kernels.attention_forward(q, k, v, **opts), device)
-        bwd[n] = 2.5 * flops / timed(lambda: kernels.attention_backward(dout, q, k, v, out, lse, **opts), device)
+        backward = lambda: kernels.attention_backward(dout, q, k, v, out, lse, **opts)  # noqa: E731
+        bwd[n] = ATTENTION_BWD_RATIO * flops / timed(backward, device)
     return fwd, bwd
 
 
 def linear_flops(device: torch.device, dtype: torch.dtype, n: int, heads: int = 4, dim: int = 64,
                  chunk: int = 64) -> float:
-    """FLOP/s of chunked gated linear attention forward + backward (cost.linear_compute's count)."""
+    """FLOP/s of chunked gated linear attention forward + backward (cost.linear_flop_count's count)."""
     kernels = get_backend("auto")
     q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     g = (-torch.rand(1, heads, n, dim, device=device) * 0.1).requires_grad_()
@@ -86,7 +88,7 @@ def linear_flops(device: torch.device, dtype: torch.dtype, n: int, heads: int = 
         out, _ = kernels.linear_attention_chunked(q, k, v, scale=dim ** -0.5, log_decay=g, chunk_size=chunk)
         out.sum().backward()
 
-    flops = 3 * heads * n * (4 * chunk * dim + 4 * dim * dim)
+    flops = 3 * sum(linear_flop_count(OpShape(1, n, heads, heads, dim, chunk=chunk), n * heads))
     return flops / timed(step, device)
 
 

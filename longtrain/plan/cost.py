@@ -126,12 +126,29 @@ def chain_links(hops: int, P: int, hw: Hardware, layout: str) -> list[Link]:
     return [hw.link("p2p", a // hw.gpus_per_node != b // hw.gpus_per_node) for a, b in pairs]
 
 
+ATTENTION_BWD_RATIO = 2.5  # backward over forward FLOPs: recomputed scores, dV, dP, dQ, dK (5 matmuls vs 2)
+
+
+def attention_flop_count(shape: OpShape, pairs: float) -> float:
+    """Forward FLOPs of softmax attention over `pairs` visible (query, key) pairs per sequence: q k^T and P V."""
+    return 4 * shape.head_dim * shape.heads * shape.batch * pairs
+
+
+def linear_flop_count(shape: OpShape, tokens: float) -> tuple[float, float]:
+    """Forward FLOPs of chunked linear attention over `tokens` (tokens times heads): (intra-chunk, through the
+    state). The backward does twice the sum."""
+    dk, dv, C = shape.head_dim, shape.dv, shape.chunk
+    intra = tokens * (2 * C * dk + 2 * C * dv)  # scores q k^T of the chunk and their values (causal half kept)
+    inter = tokens * 4 * dk * dv  # readout q S and update k^T v
+    return intra, inter
+
+
 def softmax_compute(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware, block: float) -> tuple[float, float]:
     """(forward, backward) seconds of one rank's attention FLOPs, at the kernels' speed for `block`-token blocks."""
-    flops = 4 * shape.head_dim * shape.heads * shape.batch * mask.pairs(shape.seq) / P * imbalance(mask, layout, P)
+    flops = attention_flop_count(shape, mask.pairs(shape.seq) / P * imbalance(mask, layout, P))
     if mask.kind == "documents":
         block = min(block, sum(mask.doc_lengths) / len(mask.doc_lengths))
-    return flops / hw.attention_flops(block, False), 2.5 * flops / hw.attention_flops(block, True)
+    return flops / hw.attention_flops(block, False), ATTENTION_BWD_RATIO * flops / hw.attention_flops(block, True)
 
 
 def ring_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware, spans_nodes: bool | None = None
@@ -192,15 +209,22 @@ def allgather_cost(shape: OpShape, P: int, mask: Mask, layout: str, hw: Hardware
     return OpCost(c_fwd + t_gather, c_bwd + t_bwd_comm, fwd_bytes, bwd_bytes, c_fwd, c_bwd, t_gather, t_bwd_comm)
 
 
+def ids_gather(shape: OpShape, P: int, mask: Mask, hw: Hardware) -> tuple[float, float]:
+    """(bytes sent, seconds) of Ulysses' all-gather of packed documents' ids, forward only; none without documents."""
+    if mask.kind != "documents":
+        return 0.0, 0.0
+    shard = shape.batch * shape.seq / P * SEG_ELEM
+    return (P - 1) * shard, (P - 1) * hw.link("all_gather", inter_node(P, hw)).time(shard)
+
+
 def ulysses_cost(shape: OpShape, P: int, mask: Mask, hw: Hardware) -> OpCost:
     n = shape.seq / P
     one_way = shape.batch * n * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads) * shape.elem * (P - 1) / P
-    seg = (P - 1) * shape.batch * n * SEG_ELEM if mask.kind == "documents" else 0
+    seg, t_seg = ids_gather(shape, P, mask, hw)
     link = hw.link("all_to_all", inter_node(P, hw))
     c_fwd, c_bwd = softmax_compute(shape, P, mask, "zigzag", hw, shape.seq)
     per_tensor = [shape.heads, shape.kv_heads, shape.kv_heads, shape.heads]
     t_comm = sum(link.time(shape.batch * n * shape.head_dim * h * shape.elem * (P - 1) / P) for h in per_tensor)
-    t_seg = hw.link("all_gather", inter_node(P, hw)).time(shape.batch * n * SEG_ELEM) * (P - 1) if seg else 0.0
     return OpCost(c_fwd + t_comm + t_seg, c_bwd + t_comm, one_way + seg, one_way, c_fwd, c_bwd, t_comm + t_seg,
                   t_comm)
 
@@ -266,10 +290,7 @@ def with_overhead(cost: OpCost, hw: Hardware, key: str, steps: int) -> OpCost:
 
 def linear_compute(shape: OpShape, P: int, hw: Hardware) -> tuple[float, float, float]:
     """(forward, backward, forward intra-chunk) seconds of one rank's chunked linear attention."""
-    tokens = shape.batch * shape.seq / P * shape.heads
-    dk, dv, C = shape.head_dim, shape.dv, shape.chunk
-    intra = tokens * (2 * C * dk + 2 * C * dv)  # scores q k^T of the chunk and their values (causal half kept)
-    inter = tokens * 4 * dk * dv  # readout q S and update k^T v
+    intra, inter = linear_flop_count(shape, shape.batch * shape.seq / P * shape.heads)
     fwd = (intra + inter) / hw.linear_flops
     return fwd, 2 * fwd, intra / hw.linear_flops
 
@@ -342,8 +363,7 @@ def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
                  [shape.heads * (shape.head_dim if shape.per_channel_decay else 1)]  # q, k, v, log decay
         t_in = sum(link.time(n * w * shape.elem * (P - 1) / P) for w in widths)
         t_out = link.time(n * shape.heads * shape.dv * shape.elem * (P - 1) / P)
-        seg = (P - 1) * n * SEG_ELEM if mask.kind == "documents" else 0  # the ids all-gathered, forward only
-        t_seg = (P - 1) * hw.link("all_gather", inter_node(P, hw)).time(n * SEG_ELEM) if seg else 0.0
+        seg, t_seg = ids_gather(shape, P, mask, hw)
         sent = (P - 1) / P * n * shape.elem * (sum(widths) + shape.heads * shape.dv)
         return OpCost(c_fwd + t_in + t_out + t_seg, c_bwd + t_in + t_out, sent + seg, sent, c_fwd, c_bwd,
                       t_in + t_out + t_seg, t_in + t_out)
