@@ -5,7 +5,8 @@
 2. benchmarks/kernels.py: Triton vs SDPA flash, and vs fla's chunk_gla when installed; rows print as measured
 3. benchmarks/ops.py: every op vs SDPA causal, bf16
 4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory
-5. peak memory of one training step at N = 32k, 64k, 128k, ... up to the first N that does not fit
+5. peak memory of one training step at N = 32k, 64k, 128k, ... up to the first N that does not fit, beside
+   trainer.memory_model's estimate
 
 Each step is a subprocess under the time left; a failed or cut step is reported with what it printed and the
 rest still run. It runs on the GPU machine's own python3 (its torch and Triton), with no venv and no network:
@@ -36,6 +37,7 @@ WHEELS = ".whl"
 SITE = "/tmp/longtrain-site"
 RUNS = "runs/gpu_check"  # training run dirs, removed first: a leftover one would resume instead of start
 CONFIG = "configs/h100_hybrid_32k.yaml"
+PROFILE = "h100-nvlink-ib"  # the cost model's hardware profile the measurements are set beside
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.save_last=false", "train.eval_every=0"]
 MEMORY_N = [32768, 65536, 131072, 262144, 524288]
 
@@ -96,6 +98,28 @@ def last_metrics(run_dir: str) -> dict:
     return records[-1] if records else {}
 
 
+def predicted(*overrides: str):
+    """plan.cost.step_cost of the check's config with overrides on one GPU of the h100 profile: the cost and
+    memory models' step time and peak memory, checked on a GPU here for the first time. None (and the reason
+    printed) where the repository or its wheels cannot load."""
+    sys.path[:0] = [p for p in (SITE, os.getcwd()) if p not in sys.path]
+    importlib.invalidate_caches()
+    try:
+        from longtrain.config import load_config
+        from longtrain.plan.cost import step_cost
+        from longtrain.plan.hardware import load_profile
+        return step_cost(load_config(CONFIG, COMMON + list(overrides)), load_profile(PROFILE), 1)
+    except Exception as e:  # the check goes on without the prediction
+        print(f"no prediction: {type(e).__name__}: {e}")
+        return None
+
+
+def estimate_gb(n: int) -> str:
+    """The memory model's peak for the memory run at N, in GiB as the trainer logs peak_mem_gb."""
+    cost = predicted("train.grad_accum=1", f"data.seq_len={n}")
+    return "n/a" if cost is None else f"{cost.memory['total'] / 2 ** 30:.1f}"
+
+
 def memory_cell(ok: bool, peak_gb: float | None, output: str) -> str:
     if ok and peak_gb:
         return f"{peak_gb:.1f}"
@@ -144,12 +168,13 @@ def main() -> None:
         save(False)
     for n in MEMORY_N:
         if left() < 30:
-            memory.append(f"| {n} | not run (time budget) |")
+            memory.append(f"| {n} | not run (time budget) | {estimate_gb(n)} |")
             break
         run_dir = f"{RUNS}/mem_{n}"
         cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
         ok, _, out = run(cmd, min(90, left()), {}, os.path.join(out_dir, "logs", f"mem_{n}.log"))
-        memory.append(f"| {n} | {memory_cell(ok, last_metrics(run_dir).get('train/peak_mem_gb'), out)} |")
+        peak = memory_cell(ok, last_metrics(run_dir).get('train/peak_mem_gb'), out)
+        memory.append(f"| {n} | {peak} | {estimate_gb(n)} |")
         save(False)
         if not ok:
             break
@@ -161,15 +186,19 @@ def main() -> None:
 
 def section(report: list[str], details: list[str], memory: list[str], seconds: float, done: bool) -> str:
     """The dated RESULTS.md section of the steps run so far."""
-    m = last_metrics(f"{RUNS}/train")
+    m, cost = last_metrics(f"{RUNS}/train"), predicted("train.steps=30")
     train = (f"tokens/s {m.get('train/tokens_per_s', float('nan')):.0f}, MFU {m.get('train/mfu', float('nan')):.3f}, "
-             f"peak memory {m.get('train/peak_mem_gb', float('nan')):.1f} GB (step {m.get('step')})")
+             f"peak memory {m.get('train/peak_mem_gb', float('nan')):.1f} GiB (step {m.get('step')})")
+    if cost is not None:
+        train += (f"; the cost model ({PROFILE}) predicts tokens/s {cost.tokens_per_s:.0f}, MFU {cost.mfu:.3f}, "
+                  f"peak memory {cost.memory['total'] / 2 ** 30:.1f} GiB")
     return "\n".join([
         f"\n## GPU check on {torch.cuda.get_device_name()}, {datetime.date.today()}\n",
         f"`make gpu-check`: torch {torch.__version__}, {seconds:.0f} s in all{'' if done else ' (still running)'}.\n",
         "| step | result | s |", "|---|---|---|", *report, "",
         f"Training, {CONFIG}, 30 steps at N=32k: {train}.\n",
-        "Peak memory of one training step (grad_accum 1):\n", "| N | peak GB |", "|---|---|", *memory, "",
+        "Peak memory of one training step (grad_accum 1), GiB, and the memory model's estimate:\n",
+        "| N | peak | estimate |", "|---|---|---|", *memory, "",
         *details])
 
 

@@ -63,6 +63,16 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_predictions_beside_the_measurements():
+    """The cost and memory models' figures for the check's runs load here (an import or config error would
+    leave the GPU check without them)."""
+    gpu_check = load_gpu_check()
+    small, large = (float(gpu_check.estimate_gb(n)) for n in (32768, 131072))
+    assert 0 < small < large
+    cost = gpu_check.predicted("train.steps=30")
+    assert cost.tokens_per_s > 0 and 0 < cost.mfu < 1
+
+
 def test_a_half_written_metrics_line_is_skipped(tmp_path):
     gpu_check = load_gpu_check()
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
