@@ -39,7 +39,7 @@ RUNS = "runs/gpu_check"  # training run dirs, removed first: a leftover one woul
 CONFIG = "configs/h100_hybrid_32k.yaml"
 PROFILE = "h100-nvlink-ib"  # the cost model's hardware profile the measurements are set beside
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.save_last=false", "train.eval_every=0"]
-MEMORY_N = [32768, 65536, 131072, 262144, 524288]
+MEMORY_N = [32768, 65536, 131072, 262144, 524288, 1048576]  # until one does not fit (or the time is up)
 
 
 def train_cmd(run_dir: str, *overrides: str) -> list[str]:
@@ -65,8 +65,8 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
     ]
 
 
-def run(cmd: list[str], timeout: float, env: dict, log: str) -> tuple[bool, float, str]:
-    """(succeeded, seconds, output) of one command. Its output goes to `log` as it comes, so a run cut short
+def run(cmd: list[str], timeout: float, env: dict, log: str) -> tuple[str, float, str]:
+    """(ok | FAILED | timed out, seconds, output) of one command. Its output goes to `log` as it comes, so a run cut short
     (here or by the device's own limit) keeps it; on timeout its whole process group goes (xdist workers too)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -81,7 +81,8 @@ def run(cmd: list[str], timeout: float, env: dict, log: str) -> tuple[bool, floa
             timed_out = True
     with open(log) as f:
         out = f.read() + (f"\ntimed out after {timeout:.0f} s" if timed_out else "")
-    return not timed_out and proc.returncode == 0, time.perf_counter() - t0, out
+    status = "timed out" if timed_out else "ok" if proc.returncode == 0 else "FAILED"
+    return status, time.perf_counter() - t0, out
 
 
 def last_metrics(run_dir: str) -> dict:
@@ -120,10 +121,10 @@ def estimate_gb(n: int) -> str:
     return "n/a" if cost is None else f"{cost.memory['total'] / 2 ** 30:.1f}"
 
 
-def memory_cell(ok: bool, peak_gb: float | None, output: str) -> str:
-    if ok and peak_gb:
+def memory_cell(status: str, peak_gb: float | None, output: str) -> str:
+    if status == "ok" and peak_gb:
         return f"{peak_gb:.1f}"
-    return "does not fit" if "out of memory" in output.lower() else "FAILED"
+    return "does not fit" if "out of memory" in output.lower() else status
 
 
 def tables(output: str) -> str:
@@ -161,10 +162,11 @@ def main() -> None:
         return text
 
     for i, (name, cmd, limit, env) in enumerate(steps(out_dir)):
-        ok, seconds, out = run(cmd, min(limit, left()), env, os.path.join(out_dir, "logs", f"{i}.log"))
-        print(f"{name}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s)", flush=True)
-        report.append(f"| {name} | {'ok' if ok else 'FAILED'} | {seconds:.0f} |")
-        details.append(f"{name} (logs/{i}.log):\n\n{tables(out)}\n" + ("" if ok else f"\n```\n{out[-2000:]}\n```\n"))
+        status, seconds, out = run(cmd, min(limit, left()), env, os.path.join(out_dir, "logs", f"{i}.log"))
+        print(f"{name}: {status} ({seconds:.0f} s)", flush=True)
+        report.append(f"| {name} | {status} | {seconds:.0f} |")
+        tail = "" if status == "ok" else f"\n```\n{out[-2000:]}\n```\n"
+        details.append(f"{name} (logs/{i}.log):\n\n{tables(out)}\n{tail}")
         save(False)
     for n in MEMORY_N:
         if left() < 30:
@@ -172,11 +174,11 @@ def main() -> None:
             break
         run_dir = f"{RUNS}/mem_{n}"
         cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
-        ok, _, out = run(cmd, min(90, left()), {}, os.path.join(out_dir, "logs", f"mem_{n}.log"))
-        peak = memory_cell(ok, last_metrics(run_dir).get('train/peak_mem_gb'), out)
+        status, _, out = run(cmd, min(90, left()), {}, os.path.join(out_dir, "logs", f"mem_{n}.log"))
+        peak = memory_cell(status, last_metrics(run_dir).get('train/peak_mem_gb'), out)
         memory.append(f"| {n} | {peak} | {estimate_gb(n)} |")
         save(False)
-        if not ok:
+        if status != "ok":
             break
     text = save(True)
     with open(args.results, "a") as f:

@@ -46,8 +46,7 @@ from memory import mark, peak  # noqa: E402
 from longtrain.parallel import comm, document_gates, sequence_spans, shard_sequence  # noqa: E402
 from longtrain.parallel import sp_linear_attention, sp_softmax_attention  # noqa: E402
 from longtrain.parallel.spawn import run_distributed  # noqa: E402
-from longtrain.plan.calibrate import attention_flops, linear_flops, matmul_flops, memory_bandwidth  # noqa: E402
-from longtrain.plan.calibrate import collective_links, fused_linear_backward, step_overheads, to_profile  # noqa: E402
+from longtrain.plan.calibrate import collective_links, compute_figures, step_overheads, to_profile  # noqa: E402
 from longtrain.plan.cost import Mask, OpShape, linear_op_cost, softmax_op_cost  # noqa: E402
 from longtrain.plan.hardware import Hardware, Link, load_profile  # noqa: E402
 
@@ -85,12 +84,8 @@ def profile(world: int, device: torch.device, dtype: torch.dtype, args: argparse
     """h100-nvlink-ib with the FLOP/s these ranks achieve together and, as the intra links, the measured ones,
     in series with the emulated link when --gbps > 0 (its delay adds to the backend's own time)."""
     lengths = sorted({n // world for n in args.n} | set(args.n))
-    fwd, bwd = attention_flops(device, dtype, lengths, args.heads, args.head_dim)
-    measured = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
-                "linear": linear_flops(device, dtype, max(args.n) // world, args.heads, args.head_dim),
-                "memory_bandwidth": memory_bandwidth(device), "memory": 0.0,
-                "fused_linear_backward": fused_linear_backward(device)}
-    hw = to_profile(measured, load_profile("h100-nvlink-ib"), world, True, "suite")
+    measured = compute_figures(device, dtype, lengths, max(args.n) // world, args.heads, args.head_dim)
+    hw = to_profile({**measured, "memory": 0.0}, load_profile("h100-nvlink-ib"), world, True, "suite")
     hw.intra = collective_links(device)
     hw.gpus_per_node = max(hw.gpus_per_node, world)
     hw.step_overhead = step_overheads(hw, device, dtype, args.heads, args.head_dim, args.layout, args.ulysses,

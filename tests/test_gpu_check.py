@@ -25,8 +25,17 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
     monkeypatch.setattr(gpu_check, "RUNS", str(tmp_path / "runs"))
-    monkeypatch.setattr(gpu_check, "MEMORY_N", [])
     py = sys.executable
+    monkeypatch.setattr(gpu_check, "MEMORY_N", [2048, 4096, 8192])  # fits, does not fit, not tried
+
+    def fake_train(run_dir, *overrides):
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if overrides[-1] == "data.seq_len=2048":
+            return [py, "-c", f"import os; os.makedirs({run_dir!r}); open({metrics!r}, 'w').write("
+                              "'{\"step\": 1, \"train/peak_mem_gb\": 1.25}')"]
+        return [py, "-c", "import sys; print('torch.OutOfMemoryError: CUDA out of memory.'); sys.exit(1)"]
+
+    monkeypatch.setattr(gpu_check, "train_cmd", fake_train)
     monkeypatch.setattr(gpu_check, "steps", lambda out_dir: [
         ("prints a table", [py, "-c", "print('| a | 1 |')"], 30, {}),
         ("cut by its limit", [py, "-c", "import subprocess, sys, time; print('| b | 2 |'); print('worker', subprocess."
@@ -43,9 +52,11 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     assert (tmp_path / "RESULTS.md").read_text() == report
     assert "## GPU check on Fake GPU" in report and "(still running)" not in report
     assert "| prints a table | ok |" in report and "| a | 1 |" in report
-    assert "| cut by its limit | FAILED |" in report and "| b | 2 |" in report and "timed out after 3 s" in report
+    assert "| cut by its limit | timed out |" in report and "| b | 2 |" in report and "timed out after 3 s" in report
     assert "| fails | FAILED |" in report and "boom seen" in report
-    assert sorted(os.listdir(tmp_path / "out" / "logs")) == ["0.log", "1.log", "2.log"]
+    assert "| 2048 | 1.2 | " in report and "| 4096 | does not fit | " in report and "| 8192 |" not in report
+    assert sorted(os.listdir(tmp_path / "out" / "logs")) == ["0.log", "1.log", "2.log", "mem_2048.log",
+                                                             "mem_4096.log"]
     worker = int(report.split("worker ")[1].split()[0])  # the cut step's own child went with it (SIGKILL: at once)
     for _ in range(20):
         if not alive(worker):

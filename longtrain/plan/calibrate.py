@@ -159,17 +159,24 @@ def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads
     return out
 
 
+def compute_figures(device: torch.device, dtype: torch.dtype, lengths: list[int], linear_n: int, heads: int = 4,
+                    dim: int = 64) -> dict:
+    """What this rank's kernels achieve: GEMM, attention forward / backward per length and chunked linear
+    attention FLOP/s, memory bandwidth, and whether the linear backward is fused."""
+    fwd, bwd = attention_flops(device, dtype, lengths, heads, dim)
+    return {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
+            "linear": linear_flops(device, dtype, linear_n, heads, dim), "memory_bandwidth": memory_bandwidth(device),
+            "fused_linear_backward": fused_linear_backward(device)}
+
+
 def measure(rank: int, world: int, lengths: list[int], linear_n: int, base: str = "h100-nvlink-ib",
             same_node: bool = True) -> dict:
     """Everything this rank measures, as plain numbers (base and same_node: the profile the overheads subtract)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    fwd, bwd = attention_flops(device, dtype, lengths)
-    out = {"matmul": matmul_flops(device, dtype), "attention_fwd": fwd, "attention_bwd": bwd,
-           "linear": linear_flops(device, dtype, linear_n), "memory_bandwidth": memory_bandwidth(device),
-           "fused_linear_backward": fused_linear_backward(device),
-           "memory": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
-           os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / world}
+    out = compute_figures(device, dtype, lengths, linear_n)
+    out["memory"] = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / world
     if world > 1:
         out["links"] = {k: (v.latency, v.bandwidth) for k, v in collective_links(device).items()}
         out["step_overhead"] = step_overheads(to_profile(out, load_profile(base), world, same_node, "measured"),
