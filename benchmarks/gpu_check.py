@@ -66,8 +66,9 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
 
 
 def run(cmd: list[str], timeout: float, env: dict, log: str) -> tuple[str, float, str]:
-    """(ok | FAILED | timed out, seconds, output) of one command. Its output goes to `log` as it comes, so a run cut short
-    (here or by the device's own limit) keeps it; on timeout its whole process group goes (xdist workers too)."""
+    """(ok | FAILED | timed out, seconds, output) of one command. Its output goes to `log` as it comes, so a run
+    cut short (here or by the device's own limit) keeps it; on timeout its whole process group goes (xdist
+    workers too)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env},

@@ -38,9 +38,9 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     monkeypatch.setattr(gpu_check, "train_cmd", fake_train)
     monkeypatch.setattr(gpu_check, "steps", lambda out_dir: [
         ("prints a table", [py, "-c", "print('| a | 1 |')"], 30, {}),
-        ("cut by its limit", [py, "-c", "import subprocess, sys, time; print('| b | 2 |'); print('worker', subprocess."
-                                        "Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid, flush=True); "
-                                        "time.sleep(60)"], 3, {}),
+        ("cut by its limit", [py, "-c", "import subprocess, sys, time; print('| b | 2 |'); print('worker', "
+                                        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid, "
+                                        "flush=True); time.sleep(60)"], 3, {}),
         ("fails", [py, "-c", "import os, sys; print('boom', os.environ['STEP_ENV']); sys.exit(3)"], 30,
          {"STEP_ENV": "seen"})])
     for name in ("PYTHONPATH", "PYTHONUNBUFFERED"):  # main sets them for its steps; restored after the test

@@ -93,7 +93,8 @@ def splits_band(device: torch.device, window: int | None) -> bool:
 
 
 def attention_blocks(nq: int, nk: int, q_start: int, k_start: int, causal: bool, window: int | None,
-                     q_seg: Tensor | None, k_seg: Tensor | None, split_band: bool) -> list[tuple[slice, int, int, int, int]]:
+                     q_seg: Tensor | None, k_seg: Tensor | None,
+                     split_band: bool) -> list[tuple[slice, int, int, int, int]]:
     """(batch rows, qa, qb, ka, kb) blocks covering every visible pair: per document, per query block of a
     window band; each query block's keys split into the window's edge, keys all its rows see, and the diagonal
     (a window band's only with split_band)."""

@@ -231,7 +231,8 @@ class Trainer:
             signal.signal(sig, handler)
         self.metrics.close()
         if self.rank0:
-            saved = f"saved in {self.saved_path}" if self.saved_step == self.step else "not saved (train.save_last=false)"
+            saved = (f"saved in {self.saved_path}" if self.saved_step == self.step else
+                     "not saved (train.save_last=false)")
             print(f"{'stop requested' if self.stop_requested else 'done'}: step {self.step} {saved}")
             plot = None if self.stop_requested else plot_run(self.cfg.run.dir)  # a stop keeps to its time budget
             print(f"outputs in {self.cfg.run.dir}: config.yaml, metrics.jsonl{', metrics.png' if plot else ''}"
