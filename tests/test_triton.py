@@ -242,7 +242,7 @@ def test_flash_attention_runs_every_autotune_candidate(index, monkeypatch):
         dout = rand(*out.shape, seed=4, dtype=torch.bfloat16)
         grads = flash.attention_backward(dout, q, k, v, out, lse, **case)
     except OutOfResources as e:
-        pytest.skip(f"candidate {index} does not fit this GPU: {e}")
+        pytest.skip(reason=f"candidate {index} does not fit this GPU: {e}")
     ref_out, ref_lse = reference.attention_forward(q.float(), k.float(), v.float(), **case)
     torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)

@@ -271,7 +271,7 @@ def sp_steps(algorithm: str, P: int, layout: str = "zigzag", ulysses: int = 1, m
         ring = P if algorithm == "ring" else P // ulysses
         return ring_steps_with_work(mask or Mask(), ring, layout, N)
     if algorithm in ("lasp1", "zeco"):
-        return (2 if layout == "zigzag" else 1) * (P - 1)
+        return chain_hops(P, layout)
     return 1
 
 
@@ -310,7 +310,12 @@ def linear_state_bytes(shape: OpShape) -> float:
 
 
 def chunks_per_rank(layout: str) -> int:
-    return 2 if layout == "zigzag" else 1
+    return num_chunks(1, layout)
+
+
+def chain_hops(P: int, layout: str) -> int:
+    """Hops of LASP-1's / ZeCO's state chain: 0 -> P-1, and back with zigzag (its second chunks run in reverse)."""
+    return chunks_per_rank(layout) * (P - 1)
 
 
 def scan_time(links: list[Link], message: float, blocks: int) -> float:
@@ -342,7 +347,7 @@ def linear_op_time(algorithm: str, shape: OpShape, P: int, hw: Hardware, layout:
         return OpCost(c_fwd, c_bwd, 0, 0, c_fwd, c_bwd, 0, 0)
     S = linear_state_bytes(shape)
     if algorithm in ("lasp1", "zeco"):
-        hops = (2 if layout == "zigzag" else 1) * (P - 1)
+        hops = chain_hops(P, layout)
         blocks = 1 if algorithm == "lasp1" else num_blocks(shape.dv, zeco_blocks)
         t = scan_time(chain_links(hops, P, hw, layout), S, blocks)
         fwd, bwd = (c_fwd + t, c_bwd + t) if algorithm == "lasp1" else \

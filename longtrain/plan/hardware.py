@@ -98,7 +98,8 @@ def from_dict(raw: dict, source: str = "profile") -> Hardware:
                     attention_bwd={int(n): f * 1e12 for n, f in get("attention_bwd_tflops").items()},
                     linear_flops=get("linear_tflops") * 1e12, memory_bandwidth=get("memory_gbs") * 1e9,
                     intra=links("intra"), inter=links("inter"),
-                    step_overhead={alg: (f * 1e-6, b * 1e-6) for alg, (f, b) in (raw.get("step_overhead_us") or {}).items()},
+                    step_overhead={alg: (f * 1e-6, b * 1e-6)
+                                   for alg, (f, b) in (raw.get("step_overhead_us") or {}).items()},
                     fused_linear_backward=bool(raw.get("fused_linear_backward", True)))
 
 
@@ -113,5 +114,6 @@ def to_dict(hw: Hardware) -> dict:
             "attention_bwd_tflops": {n: round(f / 1e12, 4) for n, f in hw.attention_bwd.items()},
             "linear_tflops": round(hw.linear_flops / 1e12, 4), "memory_gbs": round(hw.memory_bandwidth / 1e9, 2),
             "intra": links(hw.intra), "inter": links(hw.inter),
-            "step_overhead_us": {alg: [round(f * 1e6, 2), round(b * 1e6, 2)] for alg, (f, b) in hw.step_overhead.items()},
+            "step_overhead_us": {alg: [round(f * 1e6, 2), round(b * 1e6, 2)]
+                                 for alg, (f, b) in hw.step_overhead.items()},
             "fused_linear_backward": hw.fused_linear_backward}
