@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from longtrain.attention import MixerOptions, check_mixer
+from longtrain.attention import LINEAR_FAMILY, MixerOptions, check_mixer
 from longtrain.kernels import BACKENDS
 from longtrain.parallel import LAYOUTS, LINEAR_SP, SOFTMAX_SP
 from longtrain.parallel.sharding import num_chunks
+from longtrain.parallel.ulysses import check_heads
 
 
 @dataclass
@@ -191,7 +192,8 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
     choice(cfg.run.resume, [True, False, "strict"], "run.resume")
-    for key in ("train.lr", "train.steps", "train.grad_accum", "data.seq_len", "data.batch_size", "run.stop_timeout"):
+    for key in ("train.lr", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len", "data.batch_size",
+                "run.stop_timeout"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
     parts = num_chunks(cfg.parallel.sp_size, cfg.parallel.layout)
@@ -202,10 +204,24 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.sp_size % cfg.parallel.ulysses_size:
         raise ConfigError(f"parallel.ulysses_size={cfg.parallel.ulysses_size} must divide "
                           f"parallel.sp_size={cfg.parallel.sp_size}")
+    check_ulysses_heads(cfg, names)
     if "window" in names and not cfg.model.window:
         raise ConfigError("mixer 'window' needs model.window > 0")
     if cfg.data.source in ("bin", "text") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")
+
+
+def check_ulysses_heads(cfg: Config, names: list[str]) -> None:
+    """Ulysses splits heads over its degree: every layer it runs must have heads that divide evenly."""
+    sp, par, m = cfg.parallel.sp_size, cfg.parallel, cfg.model
+    degree = {"ulysses": sp, "usp": par.ulysses_size}.get(par.softmax_sp, 1) if sp > 1 else 1
+    try:
+        if degree > 1 and any(name not in LINEAR_FAMILY for name in names):
+            check_heads(m.n_heads, m.n_kv_heads or m.n_heads, degree)
+        if sp > 1 and par.linear_sp == "ulysses" and any(name in LINEAR_FAMILY for name in names):
+            check_heads(m.n_heads, m.n_heads, sp)
+    except ValueError as e:
+        raise ConfigError(f"parallel.softmax_sp={par.softmax_sp}, parallel.linear_sp={par.linear_sp}: {e}") from None
 
 
 def check_world(cfg: Config, world: int) -> None:

@@ -9,6 +9,7 @@ import pytest
 from longtrain.config import load_config
 from longtrain.parallel.spawn import run_distributed
 from longtrain.trainer.checkpoint import damage
+from longtrain.trainer.model import LM
 from longtrain.trainer.train import Trainer
 
 pytestmark = pytest.mark.slow
@@ -46,10 +47,10 @@ def full_params(trainer) -> dict:
 
 
 def run(run_dir, engine, sp, dp, zero_stage=2, plain=False):
-    """Losses per step and the final full parameters of a short training run."""
+    """Losses per step, the final full parameters of a short training run and its FLOPs per token (for MFU)."""
     trainer = Trainer(config(run_dir, engine, sp, dp, zero_stage, plain))
     losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
-    return losses, full_params(trainer)
+    return losses, full_params(trainer), trainer.flops_per_token
 
 
 ENGINES = [("fsdp", 2), ("ddp", 2), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
@@ -76,10 +77,13 @@ def single_process_run(rank, world, tmp):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_engines_match_one_process(world, reference, tmp_path):
-    ref_losses, ref_params = reference
+    ref_losses, ref_params, _ = reference
+    cfg = config(tmp_path, "ddp", 1, 1)
+    flops_per_token = LM(cfg.model).flops_per_token(cfg.data.seq_len)  # of the unpartitioned model
     results = run_distributed(worker, world, str(tmp_path), timeout=600)[0]
-    for (engine, stage, sp, dp), (losses, params) in results.items():
+    for (engine, stage, sp, dp), (losses, params, flops) in results.items():
         name = f"{engine}(zero {stage}) dp={dp} sp={sp}"
+        assert flops == flops_per_token, name  # ZeRO-3 leaves empty weights behind
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
         for key, value in ref_params.items():
             np.testing.assert_allclose(params[key], value, atol=2e-5, err_msg=f"{name}: {key}")

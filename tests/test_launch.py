@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from longtrain.launch.cli import main as cli
@@ -51,6 +52,7 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
     """(command line, what its one error line must say) for each input checkable before a worker starts."""
     (tmp_path / "empty.bin").write_bytes(b"")
     (tmp_path / "short.bin").write_bytes(bytes(20))  # 10 uint16 tokens
+    (tmp_path / "short.txt").write_text("too short")
     launch = ["launch", "--nproc", "2"]
     return [([*launch, TINY, "parallel.sp_size=3"], "(parallel.sp_size=3, zigzag)"),  # 128 tokens in 6 parts
             ([*launch, "--dry-run", TINY, "parallel.sp_size=3", "data.seq_len=132"],
@@ -67,6 +69,18 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
              "short.bin' holds 10 tokens, fewer than data.seq_len+1 = 129"),
             ([*launch, TINY, "train.lr=-1"], "train.lr must be > 0, got -1.0"),
             ([*launch, TINY, "train.steps=0"], "train.steps must be > 0, got 0"),
+            ([*launch, TINY, "train.log_every=0"], "train.log_every must be > 0, got 0"),
+            ([*launch, TINY, "model.n_heads=3"], "d_model 64 must divide by n_heads 3"),
+            ([*launch, TINY, "model.n_kv_heads=3"], "n_heads by n_kv_heads 3"),
+            ([*launch, TINY, "model.feature_map=cosh"], "unknown feature_map 'cosh'"),
+            ([*launch, TINY, "parallel.softmax_sp=ulysses", "model.n_kv_heads=1"],
+             "ulysses needs query heads (4) and kv heads (1) divisible by its degree 2"),
+            ([*launch, TINY, "parallel.linear_sp=ulysses", "model.n_heads=1"],
+             "ulysses needs query heads (1) and kv heads (1) divisible by its degree 2"),
+            ([*launch, TINY, "data.mqar_pairs=40"], "data.mqar_pairs=40 do not fit data.mqar_vocab=64"),
+            ([*launch, TINY, "data.source=passkey", "data.seq_len=32"], "data.seq_len=32 is too short"),
+            ([*launch, TINY, "data.source=text", f"data.path={tmp_path}/short.txt"],
+             "holds 10 tokens, fewer than data.seq_len+1 = 129"),
             ([*launch, "--nnodes", "2", TINY], "--nnodes 2 needs --rdzv"),
             (["train", TINY, "parallel.sp_size=1", "run.resume=maybe"], "run.resume='maybe' is not one of")]
 
@@ -77,6 +91,15 @@ def test_each_bad_input_is_one_line_and_exit_code_2_before_any_worker(tmp_path, 
         assert cli(argv) == 2, argv
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and message in err and err.startswith("error: "), (argv, err)
+
+
+def test_token_ids_outside_the_vocabulary_stop_with_one_line(tmp_path, capsys):
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "ids.bin")  # ids up to 999 for a 32-token vocabulary
+    argv = ["train", TINY, "parallel.sp_size=1", *FAST, "data.source=bin", f"data.path={tmp_path}/ids.bin",
+            f"run.dir={tmp_path}/run"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: the data holds token id" in err and "model.vocab_size=32" in err, err
 
 
 def test_a_bad_input_from_the_shell_has_no_traceback():
@@ -101,12 +124,23 @@ def test_launch_rejects_a_bad_config_before_starting(capsys):
 
 
 def fake_slurm_bin(tmp_path):
-    """scontrol and srun stand-ins: hostnames -> localhost, srun runs its command once (one node)."""
+    """scontrol and srun stand-ins: hostnames -> localhost; srun runs its command once (one node) and, as the
+    real srun does, answers TERM or HUP by SIGKILLing every process of the task and forwards any other signal."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" '
                                       '>> "$FAKE_SLURM_LOG"; fi\n')
-    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").write_text("""#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+setsid "$@" &
+task=$!
+trap 'kill -KILL -- -$task' TERM HUP
+trap 'kill -USR1 $task' USR1
+trap 'kill -INT $task' INT
+status=0
+while kill -0 $task 2>/dev/null; do wait $task; status=$?; done
+exit $status
+""")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -144,8 +178,8 @@ def test_module_entry_point_and_console_script():
 
 @pytest.mark.slow
 def test_time_limit_signal_checkpoints_a_step_longer_than_30_s_then_requeues(tmp_path):
-    """USR1 to the batch shell (SLURM's --signal=B:USR1) -> SIGTERM through torchrun -> the running step, longer
-    than torchrun's default 30 s shutdown window, finishes -> checkpoint -> requeue."""
+    """USR1 to the batch shell (SLURM's --signal=B:USR1) -> USR1 through srun and torchrun -> the running step,
+    longer than torchrun's default 30 s shutdown window, finishes -> checkpoint -> requeue."""
     run_dir = tmp_path / "run"
     out = tmp_path / "slurm"
     slow_step = ["model.n_layers=20", "model.d_model=64", "model.chunk_size=32", "data.seq_len=6144",

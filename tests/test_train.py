@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from longtrain.parallel import comm
 from longtrain.parallel.spawn import run_distributed
@@ -16,6 +17,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from longtrain.attention import LINEAR_FAMILY, AttnContext
 from longtrain.config import load_config
 from longtrain.launch.cli import main as cli
+from longtrain.trainer.checkpoint import (CheckpointError, begin, commit, complete_checkpoints, load_checkpoint,
+                                          load_deepspeed_checkpoint)
 from longtrain.trainer.model import LM
 from longtrain.trainer.train import Trainer, train
 
@@ -54,16 +57,70 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     train(small_config(part, "train.steps=20", "train.save_every=10"))
     assert sorted(os.listdir(part / "checkpoints")) == ["step_00000010", "step_00000020"]
     shutil.rmtree(part / "checkpoints" / "step_00000020")  # as if killed after step 10's checkpoint
-    os.remove(part / "metrics.jsonl")
     train(small_config(part, "train.steps=20"))
     resumed, reference = losses(part), losses(full)
-    assert sorted(resumed) == list(range(11, 21))
+    steps = [json.loads(line)["step"] for line in open(part / "metrics.jsonl")]
+    assert steps == list(range(1, 21))  # steps 11-20 of the killed run dropped, not logged twice
     assert [resumed[s] for s in range(11, 21)] == [reference[s] for s in range(11, 21)]
+
+
+def test_resume_false_sets_the_earlier_run_aside(tmp_path, capsys):
+    train(small_config(tmp_path, "train.steps=4", "train.save_every=2"))
+    train(small_config(tmp_path, "train.steps=2", "run.resume=false"))
+    assert "earlier run's checkpoints and metrics.jsonl moved to" in capsys.readouterr().out
+    (aside,) = glob.glob(str(tmp_path / "superseded_*"))
+    assert sorted(os.listdir(os.path.join(aside, "checkpoints"))) == ["step_00000002", "step_00000004"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002"]
+    assert sorted(losses(tmp_path)) == [1, 2] and sorted(losses(aside)) == [1, 2, 3, 4]
+    resumed = Trainer(small_config(tmp_path, "train.steps=4"))
+    assert resumed.step == 2  # this run's checkpoint, not the earlier run's step 4
+
+
+def test_a_checkpoint_of_another_engine_kind_is_a_one_line_error(tmp_path):
+    dcp_dir, ds_dir = tmp_path / "dcp", tmp_path / "ds_ckpt"
+    os.makedirs(dcp_dir)
+    os.makedirs(ds_dir / "ds")
+    with pytest.raises(CheckpointError, match="written by train.engine=fsdp/ddp and cannot load into train.engine="
+                                              "deepspeed"):
+        load_deepspeed_checkpoint(str(dcp_dir), engine=None)
+    with pytest.raises(CheckpointError, match="written by train.engine=deepspeed"):
+        load_checkpoint(str(ds_dir), None, None, {})
+
+
+def test_a_failed_run_leaves_the_process_group_to_process_exit(tmp_path, monkeypatch):
+    """On NCCL, destroying the group after one rank's error waits for its peers' unmatched operations (a hang
+    torchrun cannot end): only a run that ends well destroys it."""
+    destroy = dist.destroy_process_group
+    destroyed = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        def fail(self):
+            raise RuntimeError("a rank's out-of-memory")
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "train_step", fail)
+            with pytest.raises(RuntimeError, match="out-of-memory"):
+                train(small_config(tmp_path / "a", "train.steps=1"))
+        assert destroyed == [] and dist.is_initialized()
+        train(small_config(tmp_path / "b", "train.steps=1"))
+        assert destroyed == [True]
+    finally:
+        destroy()
 
 
 def test_keep_last_k(tmp_path):
     train(small_config(tmp_path, "train.steps=6", "train.save_every=2", "train.keep_last=2"))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000004", "step_00000006"]
+
+
+@pytest.mark.parametrize("keep_last", range(1, 8))
+def test_keep_last_k_keeps_the_newest_k_of_any_count(tmp_path, keep_last):
+    for step in range(1, 7):
+        tmp, final = begin(str(tmp_path), step, rank0=True)
+        os.makedirs(tmp)
+        commit(str(tmp_path), tmp, final, keep_last, rank0=True)
+        kept = [s for s, _ in complete_checkpoints(str(tmp_path))]
+        assert kept == list(range(max(1, step - keep_last + 1), step + 1)), (keep_last, step, kept)
 
 
 def test_signal_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
@@ -183,6 +240,16 @@ def test_flops_per_token_matches_counted_matmul_flops(pattern, tied):
     # q k^T and p v over a full tile: 2 * 2 * tile * d per token per layer, of which causality uses half
     masked_half = sum(2 * (cfg.chunk_size if name in LINEAR_FAMILY else N) * cfg.d_model for name in model.mixers)
     assert model.flops_per_token(N) / 3 == pytest.approx(counted_per_token - masked_half, rel=1e-9)
+
+
+def test_window_flops_count_the_keys_in_the_window():
+    """A window's attention term is the causal one times visible pairs / causal pairs (closed form)."""
+    N, W = 1024, 128
+    base = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=96", f"model.window={W}"]
+    causal, window = (LM(load_config(None, base + [f"model.pattern={p}"]).model) for p in ("softmax", "window"))
+    assert causal.matmul_params() == window.matmul_params()
+    term = [m.flops_per_token(N) - 6 * m.matmul_params() for m in (causal, window)]
+    assert term[1] / term[0] == pytest.approx((W * W / 2 + (N - W) * W) / (N * N / 2), rel=1e-12)
 
 
 SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", "zeco", "allgather", "contiguous"),

@@ -34,10 +34,27 @@ def check_data(data) -> None:
                           f"{data.seq_len + 1}")
 
 
+def check_model_and_sample(cfg: Config) -> None:
+    """The model builds (on the meta device: no memory) and one training sample can be drawn, so a bad head count,
+    mixer option or a sample that does not fit data.seq_len is one line here, not a traceback from every rank."""
+    import torch
+    from longtrain.trainer.data import DataLoader
+    from longtrain.trainer.model import LM
+    try:
+        with torch.device("meta"):
+            LM(cfg.model)
+        DataLoader(cfg.data).sample(0)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def preflight(cfg: Config, world: int) -> None:
     """Everything checkable before a worker starts; raises ConfigError naming the key and value."""
     check_world(cfg, world)
     check_data(cfg.data)
+    check_model_and_sample(cfg)
 
 
 def cmd_train(args) -> int:

@@ -34,7 +34,8 @@ RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))  # unique per job, so two jobs on on
 
 checkpoint_and_requeue() {{
   echo "time limit near: asking the trainers to checkpoint, then requeueing job $SLURM_JOB_ID"
-  kill -TERM "$SRUN_PID" 2>/dev/null || true
+  # USR1, not TERM: srun forwards USR1 to its tasks but answers TERM or HUP with SIGKILL
+  kill -USR1 "$SRUN_PID" 2>/dev/null || true
   wait "$SRUN_PID" || true
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

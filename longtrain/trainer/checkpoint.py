@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import sys
+import tempfile
+import time
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -93,6 +95,24 @@ def newest_intact(run_dir: str, strict: bool = False) -> str | None:
     return None
 
 
+def not_empty(path: str) -> bool:
+    if os.path.isdir(path):
+        return bool(os.listdir(path))
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def set_aside_earlier_run(run_dir: str) -> None:
+    """run.resume=false: move an earlier run's checkpoints and metrics into run_dir/superseded_<time>/, so they
+    are neither lost nor mixed with this run's (a later resume would pick their higher steps)."""
+    earlier = [name for name in ("checkpoints", "metrics.jsonl") if not_empty(os.path.join(run_dir, name))]
+    if not earlier:
+        return
+    aside = tempfile.mkdtemp(prefix=time.strftime("superseded_%Y%m%d-%H%M%S_"), dir=run_dir)
+    for name in earlier:
+        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    print(f"run.resume=false: the earlier run's {' and '.join(earlier)} moved to {aside}")
+
+
 def resume_path(run_dir: str, strict: bool, rank0: bool) -> str | None:
     """Rank 0 picks the checkpoint to resume from (`newest_intact`); every rank gets its choice or its error."""
     choice = [None]
@@ -129,7 +149,7 @@ def commit(run_dir: str, tmp: str, final: str, keep_last: int, rank0: bool) -> s
             shutil.rmtree(final)
         os.replace(tmp, final)
         older = [path for _, path in complete_checkpoints(run_dir) if path < final]
-        for old in older[:len(older) - keep_last + 1] if keep_last > 0 else []:
+        for old in older[:max(0, len(older) - keep_last + 1)] if keep_last > 0 else []:
             shutil.rmtree(old)
     barrier()
     return final
@@ -152,14 +172,24 @@ def save_deepspeed_checkpoint(run_dir: str, step: int, engine, extra: dict, keep
     return commit(run_dir, tmp, final, keep_last, rank0)
 
 
+def check_format(path: str, deepspeed: bool) -> None:
+    """A checkpoint loads only into the kind of engine that wrote it: DeepSpeed's own format or DCP."""
+    if os.path.isdir(os.path.join(path, "ds")) != deepspeed:
+        writer, reader = ("fsdp/ddp", "deepspeed") if deepspeed else ("deepspeed", "fsdp/ddp")
+        raise CheckpointError(f"checkpoint {path} was written by train.engine={writer} and cannot load into "
+                              f"train.engine={reader}; resume with the engine that wrote it, or use a new run.dir")
+
+
 def load_deepspeed_checkpoint(path: str, engine) -> dict:
     """Load the DeepSpeed checkpoint at `path` into the engine; returns its `extra`."""
+    check_format(path, deepspeed=True)
     _, client_state = engine.load_checkpoint(path, tag="ds")
     return client_state["extra"]
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer, extra_template: dict) -> dict:
     """Load the checkpoint at `path` into model/optimizer; returns its `extra`."""
+    check_format(path, deepspeed=False)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              "extra": extra_template}
     dcp.load(state, checkpoint_id=path)

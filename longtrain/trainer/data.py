@@ -70,7 +70,8 @@ def mqar_sample(rng: np.random.Generator, seq_len: int, n_pairs: int, vocab: int
     """
     half = vocab // 2
     if n_pairs > half - 1 or 2 * n_pairs + 2 > seq_len:
-        raise ValueError(f"mqar: {n_pairs} pairs do not fit vocab {vocab} / seq_len {seq_len}")
+        raise ValueError(f"mqar: data.mqar_pairs={n_pairs} do not fit data.mqar_vocab={vocab} (at most vocab/2 - 1) "
+                         f"and data.seq_len={seq_len} (at least 2 * pairs + 2)")
     keys = rng.choice(np.arange(1, half), n_pairs, replace=False)
     values = rng.integers(half, vocab, n_pairs)
     tokens = np.zeros(seq_len + 1, dtype=np.int64)
@@ -95,7 +96,8 @@ def passkey_sample(rng: np.random.Generator, seq_len: int, digits: int, tok: Byt
     answer = tok.encode(key)
     n_filler = seq_len + 1 - len(needle) - len(question) - len(answer)
     if n_filler < 0:
-        raise ValueError(f"passkey: seq_len {seq_len} is too short for the needle and question")
+        raise ValueError(f"passkey: data.seq_len={seq_len} is too short for the needle and question "
+                         f"(at least {seq_len + 1 - n_filler} tokens)")
     filler = (tok.encode(FILLER) * (n_filler // len(FILLER) + 1))[:n_filler]
     depth = int(rng.integers(0, n_filler + 1))
     tokens = np.array(filler[:depth] + needle + filler[depth:] + question + answer, dtype=np.int64)

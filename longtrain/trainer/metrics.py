@@ -25,11 +25,24 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def drop_steps_after(path: str, step: int) -> None:
+    """Keep the records of steps <= `step`: a run resumed there (after a kill) repeats the later ones."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= step]  # not torn
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step; rank 0 alone prints and talks to wandb."""
 
     def __init__(self, run_dir: str, rank0: bool, config: dict, wandb_cfg, run_name: str, total_steps: int,
-                 progress: bool = True) -> None:
+                 progress: bool = True, start_step: int = 0) -> None:
         self.rank0 = rank0
         self.console = Console(highlight=False, soft_wrap=True)
         self.progress = None
@@ -38,7 +51,11 @@ class MetricsLogger:
                                      TimeRemainingColumn(), console=self.console, transient=True)
             self.task = self.progress.add_task("train", total=total_steps)
             self.progress.start()
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank0 else None
+        self.file = None
+        if rank0:
+            path = os.path.join(run_dir, "metrics.jsonl")
+            drop_steps_after(path, start_step)
+            self.file = open(path, "a")
         self.wandb = None
         if rank0 and wandb_cfg.mode != "disabled":
             import wandb

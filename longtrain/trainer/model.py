@@ -108,6 +108,7 @@ class LM(nn.Module):
                 # state update k^T v and readout q S (2 * 2 * d * head_dim), intra-chunk scores and values (2 * C * d)
                 flops += 3 * (4 * d * head_dim + 2 * cfg.chunk_size * d)
             else:
-                context = min(seq_len, cfg.window) if name == "window" else seq_len
-                flops += 3 * (2 * 2 * d * context / 2)  # causal q k^T and p v: half of the N x N products
+                w = min(seq_len, cfg.window) if name == "window" else seq_len
+                keys = (w * w / 2 + (seq_len - w) * w) / seq_len  # per query on average: N/2 causal, ~w in a window
+                flops += 3 * (2 * 2 * d * keys)  # q k^T and p v over the visible keys
         return flops

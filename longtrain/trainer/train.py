@@ -11,12 +11,12 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext
-from longtrain.config import Config, layer_mixers
+from longtrain.config import Config, ConfigError, layer_mixers
 from longtrain.parallel import (STATE_PASSING_SP, SPContext, comm, document_gates, local_positions, sequence_spans,
                                 pad_sequence, shard_sequence)
 from longtrain.parallel.mesh import build_mesh
 from longtrain.parallel.sharding import num_chunks
-from longtrain.trainer.checkpoint import resume_path
+from longtrain.trainer.checkpoint import resume_path, set_aside_earlier_run
 from longtrain.trainer.data import Batch, DataLoader
 from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_bytes
 from longtrain.trainer.model import LM
@@ -73,7 +73,8 @@ class Trainer:
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         torch.manual_seed(cfg.train.seed)
-        self.lm = LM(cfg.model).to(self.device)  # the bare model: parameters, FLOPs
+        self.lm = LM(cfg.model).to(self.device)  # the bare model: parameters
+        self.flops_per_token = self.lm.flops_per_token(cfg.data.seq_len)  # before ZeRO-3 partitions the weights
         self.engine = build_engine(self.lm, self.mesh, cfg, self.device, bf16)  # forward, backward, step, save, load
         self.loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "train")
         self.eval_loader = DataLoader(cfg.data, self.mesh.dp_rank, self.mesh.dp_size, "eval")
@@ -92,8 +93,10 @@ class Trainer:
             any(name in LINEAR_FAMILY for name in layer_mixers(cfg.model))
         if cfg.run.resume:
             self.resume()
+        elif self.rank0:
+            set_aside_earlier_run(cfg.run.dir)
         self.metrics = MetricsLogger(cfg.run.dir, self.rank0, OmegaConf.to_container(cfg), cfg.wandb, run_name(cfg),
-                                     cfg.train.steps, cfg.run.progress)
+                                     cfg.train.steps, cfg.run.progress, self.step)
 
     def shard(self, batch: Batch) -> tuple[Batch, AttnContext]:
         """This SP rank's tokens of the batch and the attention context that goes with them."""
@@ -122,6 +125,10 @@ class Trainer:
 
     def forward_loss(self, batch: Batch, accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
+        top = int(torch.maximum(batch.tokens.max(), batch.targets.max()))
+        if top >= self.cfg.model.vocab_size:  # on a GPU the embedding would stop with a device-side assert
+            raise ConfigError(f"the data holds token id {top}, outside model.vocab_size={self.cfg.model.vocab_size} "
+                              f"(data.source={self.cfg.data.source!r})")
         local, ctx = self.shard(batch.to(self.device))
         with self.autocast:  # the model's chunked head returns the loss, never the full logits
             loss_sum, correct = self.engine.model(local.tokens, ctx, local.targets, local.loss_mask)
@@ -164,7 +171,7 @@ class Trainer:
                "peak_mem_gb": peak_memory_bytes(self.device) / 2 ** 30}
         peak = peak_flops(self.device)
         if peak:
-            flops = self.lm.flops_per_token(self.cfg.data.seq_len) * tokens / dt
+            flops = self.flops_per_token * tokens / dt
             out["mfu"] = flops / (peak * self.world)
         after = comm.snapshot()
         out.update({k: after[k] - bytes_before.get(k, 0) for k in after})
@@ -242,9 +249,7 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Build a Trainer for cfg and run it; returns the last step's metrics."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    last = Trainer(cfg).fit()
+    if dist.is_initialized():  # after an error the process exits instead: on NCCL, destroying the group would wait
+        dist.destroy_process_group()  # for peers' operations that never come, so torchrun could not end the run
+    return last
