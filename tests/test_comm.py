@@ -100,3 +100,20 @@ def test_overlap_returns_the_result_and_raises_the_error():
     job = comm.Overlap(lambda: 1 / 0, torch.device("cpu"))
     with pytest.raises(ZeroDivisionError):
         job.join()
+
+
+def worker_mesh_groups(rank, world):
+    from longtrain.parallel.mesh import build_mesh
+    out = {}
+    for sp in (world, world // 2):
+        mesh = build_mesh(sp, "cpu")
+        total = torch.ones(1)
+        torch.distributed.all_reduce(total, group=mesh.sp_group)
+        out[sp] = (mesh.sp_group is torch.distributed.group.WORLD, total.item())
+    return out
+
+
+def test_sp_has_its_own_communicator_when_it_spans_the_world():
+    """DeviceMesh hands back the default group for a dimension spanning the world, the group FSDP/DDP reduce
+    over; on NCCL one group runs its operations in order, so SP's would queue behind gradient reductions."""
+    assert run_distributed(worker_mesh_groups, 4) == [{4: (False, 4.0), 2: (False, 2.0)}] * 4

@@ -263,13 +263,24 @@ def all_to_all(t: Tensor, group, kind: str) -> Tensor:
     return out
 
 
+SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream per GPU: the caching allocator keeps a pool per stream, so a new stream per call
+    would spread freed blocks over many pools that other streams cannot reuse."""
+    if device not in SIDE_STREAMS:
+        SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return SIDE_STREAMS[device]
+
+
 class Overlap:
     """Run fn() alongside the caller's compute: on a side stream on CUDA, on a thread on CPU (gloo)."""
 
     def __init__(self, fn, device: torch.device):
         self.result, self.error, self.stream, self.thread = None, None, None, None
         if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device)
+            self.stream = side_stream(device)
             self.stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self.stream), torch.no_grad():
                 self.result = fn()

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
@@ -13,10 +14,7 @@ class Mesh:
     dp_rank: int
     sp_rank: int
     device_mesh: DeviceMesh | None = None
-
-    @property
-    def sp_group(self):
-        return None if self.device_mesh is None else self.device_mesh.get_group("sp")
+    sp_group: ProcessGroup | None = None  # SP's collectives and P2P; never the group FSDP/DDP reduce over
 
     @property
     def dp_group(self):
@@ -31,4 +29,7 @@ def build_mesh(sp_size: int, device_type: str) -> Mesh:
     if world == 1:
         return Mesh(1, 1, 0, 0)
     mesh = init_device_mesh(device_type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return Mesh(world // sp_size, sp_size, mesh.get_local_rank("dp"), mesh.get_local_rank("sp"), mesh)
+    sp_group = mesh.get_group("sp")
+    if sp_size == world:  # the mesh hands back the default group, which FSDP/DDP use too: on NCCL one group's
+        sp_group = dist.new_group(list(range(world)))  # operations run in order, so SP's would queue behind theirs
+    return Mesh(world // sp_size, sp_size, mesh.get_local_rank("dp"), mesh.get_local_rank("sp"), mesh, sp_group)
