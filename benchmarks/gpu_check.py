@@ -11,9 +11,10 @@
 Each step is a subprocess under the time left; a failed or cut step is reported with what it printed and the
 rest still run. It runs on the GPU machine's own python3 (its torch and Triton), with no venv and no network:
 what that python lacks (omegaconf; pytest-xdist; fla-core for the chunk_gla baseline) travels as wheels in
-.whl/, which `make gpu-wheels` fills here and this script installs into /tmp before the first step. Every log,
-the report so far (gpu_check.md, rewritten after each step) and the plots go to $OUT when set (the device
-tool brings that folder back, even from a run cut by its time limit), else to runs/gpu_check.
+.whl/, which `make gpu-wheels` fills here and this script installs into /tmp before the first step. The report
+so far (gpu_check.md, rewritten after each step), every step's log (packed into logs.tar.gz after each step)
+and the plots go to $OUT when set (the device tool brings that folder back, at most 8 files, even from a run
+cut by its time limit), else to runs/gpu_check/out.
     python3 benchmarks/gpu_check.py             # on a GPU machine (what `make gpu-check` runs)
     python3 benchmarks/gpu_check.py --dry-run   # print the commands (any machine)
 """
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import torch
@@ -36,6 +38,7 @@ PY = sys.executable
 WHEELS = ".whl"
 SITE = "/tmp/longtrain-site"
 RUNS = "runs/gpu_check"  # training run dirs, removed first: a leftover one would resume instead of start
+LOGS = os.path.join(RUNS, "logs")  # one file per step; out_dir gets them as one logs.tar.gz
 CONFIG = "configs/h100_hybrid_32k.yaml"
 PROFILE = "h100-nvlink-ib"  # the cost model's hardware profile the measurements are set beside
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.save_last=false", "train.eval_every=0"]
@@ -56,7 +59,7 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
     one_config = {"LONGTRAIN_TRITON_AUTOTUNE": "0"}
     return ([("carried wheels", install, 60, {})] if wheels else []) + [
         ("triton tests (compiled)", [PY, "-m", "pytest", "-q", *(["-n", "8"] if xdist else []), "tests/test_triton.py"],
-         120, one_config),
+         150, one_config),
         ("benchmarks/kernels.py", [PY, "benchmarks/kernels.py", "--n", "8192", "32768", "--d", "64", "128",
                                    "--out", os.path.join(out_dir, "kernels_gpu.png")], 120, {}),
         ("benchmarks/ops.py", [PY, "benchmarks/ops.py", "--n", "4096", "8192", "16384", "--linear-n", "65536",
@@ -122,6 +125,13 @@ def estimate_gb(n: int) -> str:
     return "n/a" if cost is None else f"{cost.memory['total'] / 2 ** 30:.1f}"
 
 
+def pack_logs(out_dir: str) -> None:
+    """LOGS as out_dir/logs.tar.gz, replaced whole: one file back from the device however many steps ran."""
+    with tarfile.open(os.path.join(out_dir, "logs.tar.gz.tmp"), "w:gz") as tar:
+        tar.add(LOGS, arcname="logs")
+    os.replace(os.path.join(out_dir, "logs.tar.gz.tmp"), os.path.join(out_dir, "logs.tar.gz"))
+
+
 def memory_cell(status: str, peak_gb: float | None, output: str) -> str:
     if status == "ok" and peak_gb:
         return f"{peak_gb:.1f}"
@@ -148,7 +158,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (use --dry-run to see the commands)")
     shutil.rmtree(RUNS, ignore_errors=True)
-    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    os.makedirs(LOGS)
+    os.makedirs(out_dir, exist_ok=True)
     os.environ["PYTHONPATH"] = os.pathsep.join([SITE, os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(
         os.pathsep))])  # the steps import the carried packages and the repository
     os.environ["PYTHONUNBUFFERED"] = "1"  # a step cut by its limit keeps what it printed
@@ -160,14 +171,15 @@ def main() -> None:
         text = section(report, details, memory, time.perf_counter() - start, done)
         with open(os.path.join(out_dir, "gpu_check.md"), "w") as f:
             f.write(text)
+        pack_logs(out_dir)
         return text
 
     for i, (name, cmd, limit, env) in enumerate(steps(out_dir)):
-        status, seconds, out = run(cmd, min(limit, left()), env, os.path.join(out_dir, "logs", f"{i}.log"))
+        status, seconds, out = run(cmd, min(limit, left()), env, os.path.join(LOGS, f"{i}.log"))
         print(f"{name}: {status} ({seconds:.0f} s)", flush=True)
         report.append(f"| {name} | {status} | {seconds:.0f} |")
         tail = "" if status == "ok" else f"\n```\n{out[-2000:]}\n```\n"
-        details.append(f"{name} (logs/{i}.log):\n\n{tables(out)}\n{tail}")
+        details.append(f"{name} (logs.tar.gz: logs/{i}.log):\n\n{tables(out)}\n{tail}")
         save(False)
     for n in MEMORY_N:
         if left() < 30:
@@ -175,7 +187,7 @@ def main() -> None:
             break
         run_dir = f"{RUNS}/mem_{n}"
         cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
-        status, _, out = run(cmd, min(90, left()), {}, os.path.join(out_dir, "logs", f"mem_{n}.log"))
+        status, _, out = run(cmd, min(90, left()), {}, os.path.join(LOGS, f"mem_{n}.log"))
         peak = memory_cell(status, last_metrics(run_dir).get('train/peak_mem_gb'), out)
         memory.append(f"| {n} | {peak} | {estimate_gb(n)} |")
         save(False)

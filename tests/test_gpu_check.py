@@ -6,6 +6,7 @@ the report rewritten after each step into $OUT) must work before it ever runs th
 import importlib.util
 import os
 import sys
+import tarfile
 import time
 
 import torch
@@ -25,6 +26,7 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
     monkeypatch.setattr(gpu_check, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(gpu_check, "LOGS", str(tmp_path / "runs" / "logs"))
     py = sys.executable
     monkeypatch.setattr(gpu_check, "MEMORY_N", [2048, 4096, 8192])  # fits, does not fit, not tried
 
@@ -55,8 +57,11 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     assert "| cut by its limit | timed out |" in report and "| b | 2 |" in report and "timed out after 3 s" in report
     assert "| fails | FAILED |" in report and "boom seen" in report
     assert "| 2048 | 1.2 | " in report and "| 4096 | does not fit | " in report and "| 8192 |" not in report
-    assert sorted(os.listdir(tmp_path / "out" / "logs")) == ["0.log", "1.log", "2.log", "mem_2048.log",
-                                                             "mem_4096.log"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.md", "logs.tar.gz"]  # the device returns 8 files
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        logs = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    assert sorted(logs) == ["logs/0.log", "logs/1.log", "logs/2.log", "logs/mem_2048.log", "logs/mem_4096.log"]
+    assert "| b | 2 |" in logs["logs/1.log"] and "out of memory" in logs["logs/mem_4096.log"]
     worker = int(report.split("worker ")[1].split()[0])  # the cut step's own child went with it (SIGKILL: at once)
     for _ in range(20):
         if not alive(worker):

@@ -132,8 +132,8 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, offs_m, offs_d, d_ok, q
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(K + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
         if MASKED:
             mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
@@ -170,7 +170,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
                 mask=(offs_m[:, None] < Nq) & d_ok[None, :], other=0.0)
     qk_scale = sm_scale
     if not SIGMOID:
@@ -195,7 +195,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, QSEG, KSEG, QDOC, KDOC, sm_scale, sig_bias, q
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(LSE + bh * Nq + offs_m, lse, mask=offs_m < Nq)
-    tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc,
+    tl.store(OUT + b * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :], acc,
              mask=(offs_m[:, None] < Nq) & d_ok[None, :])
 
 
@@ -238,8 +238,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, sqn, sdn, lo, hi, offs_n, offs_
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Nq
-        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        rows = offs_m[:, None].to(tl.int64)  # times a stride: past 2**31 at long N
+        q = tl.load(Q + rows * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + rows * sdn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         lse2, delta = _row_stats(LSE, DELTA, offs_m, m_ok, SIGMOID)
         mask = None
         if MASKED:
@@ -266,8 +267,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, QDOC, KDOC, sm
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, full_lo, full_hi, hi = _query_ranges(pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, q_start, k_start, Nq, Nk,
@@ -300,8 +301,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, hi, offs_m, offs_d, d_
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(K + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         mask = None
         if MASKED:
             mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
@@ -327,9 +328,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG, QDOC, KDOC, sm_scale
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Nq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdn + offs_d[None, :],
                  mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     lse2, delta = _row_stats(LSE + bh * Nq, DELTA + bh * Nq, offs_m, m_ok, SIGMOID)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
