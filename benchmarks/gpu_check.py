@@ -12,8 +12,8 @@ Each step is a subprocess under the time left; a failed or cut step is reported 
 rest still run. It runs on the GPU machine's own python3 (its torch and Triton), with no venv and no network:
 what that python lacks (omegaconf; pytest-xdist; fla-core for the chunk_gla baseline) travels as wheels in
 .whl/, which `make gpu-wheels` fills here and this script installs into /tmp before the first step. The report
-so far (gpu_check.md, rewritten after each step), every step's log (packed into logs.tar.gz after each step)
-and the plots go to $OUT when set (the device tool brings that folder back, at most 8 files, even from a run
+so far (gpu_check.md, rewritten after each step), the running step's log (current_step.log), the finished
+steps' logs (logs.tar.gz) and the plots go to $OUT when set (the device tool brings that folder back, at most 8 files, even from a run
 cut by its time limit), else to runs/gpu_check/out.
     python3 benchmarks/gpu_check.py             # on a GPU machine (what `make gpu-check` runs)
     python3 benchmarks/gpu_check.py --dry-run   # print the commands (any machine)
@@ -174,8 +174,15 @@ def main() -> None:
         pack_logs(out_dir)
         return text
 
+    def run_step(cmd: list[str], limit: float, env: dict, log_name: str) -> tuple[str, float, str]:
+        """run() with its log in out_dir while it runs (so a cut device run brings it back), then in LOGS."""
+        live = os.path.join(out_dir, "current_step.log")
+        result = run(cmd, limit, env, live)
+        shutil.move(live, os.path.join(LOGS, log_name))
+        return result
+
     for i, (name, cmd, limit, env) in enumerate(steps(out_dir)):
-        status, seconds, out = run(cmd, min(limit, left()), env, os.path.join(LOGS, f"{i}.log"))
+        status, seconds, out = run_step(cmd, min(limit, left()), env, f"{i}.log")
         print(f"{name}: {status} ({seconds:.0f} s)", flush=True)
         report.append(f"| {name} | {status} | {seconds:.0f} |")
         tail = "" if status == "ok" else f"\n```\n{out[-2000:]}\n```\n"
@@ -187,7 +194,7 @@ def main() -> None:
             break
         run_dir = f"{RUNS}/mem_{n}"
         cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
-        status, _, out = run(cmd, min(90, left()), {}, os.path.join(LOGS, f"mem_{n}.log"))
+        status, _, out = run_step(cmd, min(90, left()), {}, f"mem_{n}.log")
         peak = memory_cell(status, last_metrics(run_dir).get('train/peak_mem_gb'), out)
         memory.append(f"| {n} | {peak} | {estimate_gb(n)} |")
         save(False)

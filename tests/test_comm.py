@@ -110,6 +110,7 @@ def worker_mesh_groups(rank, world):
         total = torch.ones(1)
         torch.distributed.all_reduce(total, group=mesh.sp_group)
         out[sp] = (mesh.sp_group is torch.distributed.group.WORLD, total.item())
+    assert build_mesh(world, "cpu").sp_group is build_mesh(world, "cpu").sp_group  # made once, not per trainer
     return out
 
 

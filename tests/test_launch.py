@@ -79,8 +79,8 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
              "ulysses needs query heads (1) and kv heads (1) divisible by its degree 2"),
             ([*launch, TINY, "data.mqar_pairs=40"], "data.mqar_pairs=40 do not fit data.mqar_vocab=64"),
             ([*launch, TINY, "data.source=passkey", "data.seq_len=32"], "data.seq_len=32 is too short"),
-            ([*launch, TINY, "data.source=text", f"data.path={tmp_path}/short.txt"],
-             "holds 10 tokens, fewer than data.seq_len+1 = 129"),
+            (["train", TINY, "parallel.sp_size=1", "data.source=text", f"data.path={tmp_path}/short.txt",
+              f"run.dir={tmp_path}/run"], "holds 10 tokens, fewer than data.seq_len+1 = 129"),
             ([*launch, "--nnodes", "2", TINY], "--nnodes 2 needs --rdzv"),
             (["train", TINY, "parallel.sp_size=1", "run.resume=maybe"], "run.resume='maybe' is not one of")]
 
@@ -93,13 +93,16 @@ def test_each_bad_input_is_one_line_and_exit_code_2_before_any_worker(tmp_path, 
         assert out == "" and err.count("\n") == 1 and message in err and err.startswith("error: "), (argv, err)
 
 
-def test_token_ids_outside_the_vocabulary_stop_with_one_line(tmp_path, capsys):
-    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "ids.bin")  # ids up to 999 for a 32-token vocabulary
+@pytest.mark.parametrize("dtype, bad", [("uint16", 32), ("int32", -1)])
+def test_token_ids_outside_the_vocabulary_stop_with_one_line(tmp_path, capsys, dtype, bad):
+    ids = np.arange(1000) % 32  # ids of a 32-token vocabulary, one of them out of it
+    ids[5] = bad
+    ids.astype(dtype).tofile(tmp_path / "ids.bin")
     argv = ["train", TINY, "parallel.sp_size=1", *FAST, "data.source=bin", f"data.path={tmp_path}/ids.bin",
-            f"run.dir={tmp_path}/run"]
+            f"data.bin_dtype={dtype}", f"run.dir={tmp_path}/run"]
     assert cli(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error: the data holds token id" in err and "model.vocab_size=32" in err, err
+    assert err == f"error: the data holds token id {bad}, outside model.vocab_size=32 (data.source='bin')\n", err
 
 
 def test_a_bad_input_from_the_shell_has_no_traceback():

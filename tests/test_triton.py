@@ -93,6 +93,13 @@ def assert_flash_matches_reference(q, k, v, **opts):
     dout = rand(*out.shape, seed=4)
     grads = flash.attention_backward(dout, q, k, v, out, lse, **opts)
     ref_grads = reference.attention_backward(dout, q, k, v, ref_out, ref_lse, **opts)
+    if ON_GPU:  # the torch path runs PyTorch's CUDA operators there: first check them, so a failure names its side
+        cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in (dout, q, k, v, ref_out, ref_lse)]
+        cpu_opts = {key: val.cpu() if isinstance(val, torch.Tensor) else val for key, val in opts.items()}
+        cpu_ref = (*reference.attention_forward(*cpu[1:4], **cpu_opts),
+                   *reference.attention_backward(*cpu, **cpu_opts))
+        for name, got, want in zip(["out", "lse", "dq", "dk", "dv"], (ref_out, ref_lse, *ref_grads), cpu_ref):
+            torch.testing.assert_close(got.cpu(), want, atol=5e-5, rtol=1e-4, msg=f"torch path {name}: CUDA vs CPU")
     for name, got, want in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
 

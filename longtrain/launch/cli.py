@@ -36,14 +36,16 @@ def check_data(data) -> None:
 
 def check_model_and_sample(cfg: Config) -> None:
     """The model builds (on the meta device: no memory) and one training sample can be drawn, so a bad head count,
-    mixer option or a sample that does not fit data.seq_len is one line here, not a traceback from every rank."""
+    mixer option or a sample that does not fit data.seq_len is one line here, not a traceback from every rank.
+    A text source is not drawn from: that would tokenize its whole corpus here (its loader checks its length)."""
     import torch
     from longtrain.trainer.data import DataLoader
     from longtrain.trainer.model import LM
     try:
         with torch.device("meta"):
             LM(cfg.model)
-        DataLoader(cfg.data).sample(0)
+        if cfg.data.source != "text":
+            DataLoader(cfg.data).sample(0)
     except ConfigError:
         raise
     except ValueError as e:

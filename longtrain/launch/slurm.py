@@ -1,8 +1,9 @@
 """Write an sbatch script: one srun task per node, each running torchrun with a c10d rendezvous on the head node.
 
 The script is requeue friendly: SLURM signals the batch shell (USR1) `signal_lead` seconds before the time
-limit; the shell forwards SIGTERM to the training processes, which finish the step, checkpoint and exit (torchrun
-waits up to run.stop_timeout for them), then requeues the job. The requeued job resumes from run.dir.
+limit; the shell passes USR1 through srun (which would answer SIGTERM with SIGKILL) and torchrun to the training
+processes, which finish the step, checkpoint and exit (torchrun waits up to run.stop_timeout for them), then it
+requeues the job. The requeued job resumes from run.dir.
 """
 import os
 import shlex

@@ -101,16 +101,20 @@ def not_empty(path: str) -> bool:
     return os.path.exists(path) and os.path.getsize(path) > 0
 
 
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.png", "config.yaml", "wandb_id.txt", "wandb")
+
+
 def set_aside_earlier_run(run_dir: str) -> None:
-    """run.resume=false: move an earlier run's checkpoints and metrics into run_dir/superseded_<time>/, so they
-    are neither lost nor mixed with this run's (a later resume would pick their higher steps)."""
-    earlier = [name for name in ("checkpoints", "metrics.jsonl") if not_empty(os.path.join(run_dir, name))]
-    if not earlier:
+    """A run that starts from step 0 (run.resume=false, or no checkpoint to resume) moves an earlier run's outputs
+    into run_dir/superseded_<time>_*/: neither lost nor mixed with its own (a later resume would pick the earlier
+    run's higher steps, wandb would continue its run)."""
+    if not any(not_empty(os.path.join(run_dir, name)) for name in ("checkpoints", "metrics.jsonl")):
         return
     aside = tempfile.mkdtemp(prefix=time.strftime("superseded_%Y%m%d-%H%M%S_"), dir=run_dir)
-    for name in earlier:
-        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
-    print(f"run.resume=false: the earlier run's {' and '.join(earlier)} moved to {aside}")
+    for name in RUN_OUTPUTS:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    print(f"a new run from step 0: the earlier run's outputs moved to {aside}")
 
 
 def resume_path(run_dir: str, strict: bool, rank0: bool) -> str | None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from longtrain.config import DataConfig
+from longtrain.config import ConfigError, DataConfig
 
 SPLITS = {"train": 0, "eval": 1}
 
@@ -151,7 +151,7 @@ class DataLoader:
         if self.stream is not None:
             n_windows = (len(self.stream) - 1) // cfg.seq_len
             if n_windows < 1:
-                raise ValueError(f"data.path {cfg.path!r} holds {len(self.stream)} tokens, fewer than "
+                raise ConfigError(f"data.path {cfg.path!r} holds {len(self.stream)} tokens, fewer than "
                                  f"data.seq_len+1 = {cfg.seq_len + 1}")
             n_eval = n_windows // 10
             self.windows = range(n_windows - n_eval) if split == "train" or n_eval == 0 else \

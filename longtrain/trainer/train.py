@@ -83,8 +83,6 @@ class Trainer:
         self.stop_requested = False  # agreed by every rank, so all of them save and stop together
         self.saved_step, self.saved_path = None, None  # the last checkpoint written or resumed from
         os.makedirs(cfg.run.dir, exist_ok=True)
-        if self.rank0:
-            OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         self.sp = None if self.mesh.sp_size == 1 else SPContext(
             self.mesh.sp_group, cfg.parallel.softmax_sp, cfg.parallel.linear_sp, cfg.parallel.layout,
             cfg.parallel.zeco_blocks, cfg.parallel.ulysses_size)
@@ -93,8 +91,10 @@ class Trainer:
             any(name in LINEAR_FAMILY for name in layer_mixers(cfg.model))
         if cfg.run.resume:
             self.resume()
-        elif self.rank0:
-            set_aside_earlier_run(cfg.run.dir)
+        if self.rank0:
+            if self.saved_path is None:  # a run from step 0: an earlier one's outputs go aside, kept whole
+                set_aside_earlier_run(cfg.run.dir)
+            OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         self.metrics = MetricsLogger(cfg.run.dir, self.rank0, OmegaConf.to_container(cfg), cfg.wandb, run_name(cfg),
                                      cfg.train.steps, cfg.run.progress, self.step)
 
@@ -125,10 +125,11 @@ class Trainer:
 
     def forward_loss(self, batch: Batch, accuracy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of masked token losses, number of masked tokens, number predicted right or 0) on local tokens."""
-        top = int(torch.maximum(batch.tokens.max(), batch.targets.max()))
-        if top >= self.cfg.model.vocab_size:  # on a GPU the embedding would stop with a device-side assert
-            raise ConfigError(f"the data holds token id {top}, outside model.vocab_size={self.cfg.model.vocab_size} "
-                              f"(data.source={self.cfg.data.source!r})")
+        low = int(torch.minimum(batch.tokens.min(), batch.targets.min()))  # on the CPU still: no device sync
+        high = int(torch.maximum(batch.tokens.max(), batch.targets.max()))
+        if low < 0 or high >= self.cfg.model.vocab_size:  # on a GPU the embedding would fail a device-side assert
+            raise ConfigError(f"the data holds token id {low if low < 0 else high}, outside model.vocab_size="
+                              f"{self.cfg.model.vocab_size} (data.source={self.cfg.data.source!r})")
         local, ctx = self.shard(batch.to(self.device))
         with self.autocast:  # the model's chunked head returns the loss, never the full logits
             loss_sum, correct = self.engine.model(local.tokens, ctx, local.targets, local.loss_mask)
