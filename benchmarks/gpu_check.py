@@ -13,8 +13,8 @@ rest still run. It runs on the GPU machine's own python3 (its torch and Triton),
 what that python lacks (omegaconf; pytest-xdist; fla-core for the chunk_gla baseline) travels as wheels in
 .whl/, which `make gpu-wheels` fills here and this script installs into /tmp before the first step. The report
 so far (gpu_check.md, rewritten after each step), the running step's log (current_step.log), the finished
-steps' logs (logs.tar.gz) and the plots go to $OUT when set (the device tool brings that folder back, at most 8 files, even from a run
-cut by its time limit), else to runs/gpu_check/out.
+steps' logs (logs.tar.gz) and the plots go to $OUT when set (the device tool brings that folder back, at most 8
+files, even from a run cut by its time limit), else to runs/gpu_check/out.
     python3 benchmarks/gpu_check.py             # on a GPU machine (what `make gpu-check` runs)
     python3 benchmarks/gpu_check.py --dry-run   # print the commands (any machine)
 """

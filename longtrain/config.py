@@ -2,6 +2,7 @@
 import difflib
 from dataclasses import dataclass, field
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -131,22 +132,29 @@ def closest_key(full_key: str) -> str:
     return f" (did you mean {'.'.join(prefix + match)}?)" if match else f" (valid keys: {', '.join(candidates)})"
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Schema <- YAML preset <- `key=value` overrides; unknown keys and bad types raise ConfigError."""
+def load_config(path: str | None = None, overrides: list[str] | None = None, world: int | None = None) -> Config:
+    """Schema <- YAML preset <- `key=value` overrides; unknown keys and bad types raise ConfigError. With `world`
+    (the processes that will train it), a world size that parallel.sp_size does not divide is reported first."""
     cfg = OmegaConf.structured(Config)
+    source = f"config file {path!r}"
     try:
         if path:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         for item in overrides or []:
+            source = f"override {item!r}"
             if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key=value")
+                raise ConfigError(f"{source} must look like key=value")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
     except ConfigKeyError as e:
         raise ConfigError(f"unknown config key {e.full_key!r}{closest_key(e.full_key)}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for config key {getattr(e, 'full_key', '?')!r}: {e.msg}") from None
+    except OmegaConfBaseException as e:  # its message goes on with lines of OmegaConf internals
+        raise ConfigError(f"{source}: bad value: {(e.msg or str(e) or type(e).__name__).splitlines()[0]}") from None
+    if world is not None:
+        check_world(cfg, world)
     validate(cfg)
     return cfg
 
@@ -161,6 +169,8 @@ def layer_mixers(model: ModelConfig) -> list[str]:
         unit = []
         for item in model.pattern.replace(" ", "").split(","):
             name, _, count = item.partition("*")
+            if not (count or "1").isdigit() or int(count or 1) < 1:
+                raise ConfigError(f"model.pattern={model.pattern!r}: {item!r} is not mixer or mixer*count (count >= 1)")
             unit += [name] * int(count or 1)
         names = [unit[i % len(unit)] for i in range(model.n_layers)]
     for name in names:
@@ -191,11 +201,18 @@ def validate(cfg: Config) -> None:
     choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
+    if cfg.parallel.zeco_blocks is not None and cfg.parallel.zeco_blocks < 1:
+        raise ConfigError(f"parallel.zeco_blocks must be >= 1 (or null: 4), got {cfg.parallel.zeco_blocks}")
     choice(cfg.run.resume, [True, False, "strict"], "run.resume")
     for key in ("train.lr", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len", "data.batch_size",
-                "run.stop_timeout"):
+                "run.stop_timeout", "model.d_model", "model.n_heads", "model.n_layers"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must divide by model.n_heads={m.n_heads}")
+    if m.n_kv_heads is not None and (m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.n_heads={m.n_heads} must divide by model.n_kv_heads={m.n_kv_heads}")
     parts = num_chunks(cfg.parallel.sp_size, cfg.parallel.layout)
     if cfg.data.seq_len % parts and not cfg.parallel.pad:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into {parts} equal chunks "

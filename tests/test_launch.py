@@ -31,6 +31,14 @@ def test_torchrun_command_single_and_multi_node():
         torchrun_command("c.yaml", [], nproc=8, nnodes=2)
 
 
+def test_overrides_may_follow_the_options(capsys):
+    assert cli(["launch", TINY, "--nproc", "2", "--dry-run", "train.steps=3", "run.stop_timeout=450"]) == 0
+    assert "train.steps=3 run.stop_timeout=450" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        cli(["launch", TINY, "--nproc", "2", "--no-such-option"])
+    assert stop.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_launch_dry_run_prints_the_command(capsys):
     assert cli(["launch", "--nproc", "2", "--dry-run", TINY, "train.steps=3", "run.stop_timeout=450"]) == 0
     out = capsys.readouterr().out
@@ -53,8 +61,11 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
     (tmp_path / "empty.bin").write_bytes(b"")
     (tmp_path / "short.bin").write_bytes(bytes(20))  # 10 uint16 tokens
     (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "bad.yaml").write_text("model:\n  d_model: [1,\n")
+    (tmp_path / "empty").mkdir()
     launch = ["launch", "--nproc", "2"]
-    return [([*launch, TINY, "parallel.sp_size=3"], "(parallel.sp_size=3, zigzag)"),  # 128 tokens in 6 parts
+    return [(["launch", "--nproc", "3", TINY, "parallel.sp_size=3"], "(parallel.sp_size=3, zigzag)"),  # 6 parts of 128
+            ([*launch, TINY, "parallel.sp_size=3"], "parallel.sp_size=3 does not divide the world size 2"),  # first
             ([*launch, "--dry-run", TINY, "parallel.sp_size=3", "data.seq_len=132"],
              "parallel.sp_size=3 does not divide the world size 2"),
             ([*launch, TINY, "data.seq_len=127", "parallel.layout=contiguous"],
@@ -70,8 +81,17 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
             ([*launch, TINY, "train.lr=-1"], "train.lr must be > 0, got -1.0"),
             ([*launch, TINY, "train.steps=0"], "train.steps must be > 0, got 0"),
             ([*launch, TINY, "train.log_every=0"], "train.log_every must be > 0, got 0"),
-            ([*launch, TINY, "model.n_heads=3"], "d_model 64 must divide by n_heads 3"),
-            ([*launch, TINY, "model.n_kv_heads=3"], "n_heads by n_kv_heads 3"),
+            ([*launch, TINY, "model.n_heads=3"], "model.d_model=64 must divide by model.n_heads=3"),
+            ([*launch, TINY, "model.n_kv_heads=3"], "model.n_heads=4 must divide by model.n_kv_heads=3"),
+            ([*launch, TINY, "model.pattern=gla*x,softmax"], "model.pattern='gla*x,softmax': 'gla*x' is not mixer"),
+            ([*launch, TINY, "model.pattern=gla*0"], "'gla*0' is not mixer or mixer*count (count >= 1)"),
+            ([*launch, TINY, "train.steps=abc"], "override 'train.steps=abc': bad value: Value 'abc' of type"),
+            ([*launch, TINY, "model=3"], "override 'model=3': bad value:"),
+            ([*launch, str(tmp_path / "bad.yaml")], "bad.yaml' is not valid YAML"),
+            ([*launch, TINY, "parallel.zeco_blocks=0"], "parallel.zeco_blocks must be >= 1"),
+            (["prepare", str(tmp_path / "none"), "x.bin"], "prepare: input"),
+            (["prepare", str(tmp_path / "empty"), "x.bin"], "empty' has no files"),
+            (["prepare", str(tmp_path / "short.txt"), str(tmp_path / "no" / "x.bin")], "the folder of output"),
             ([*launch, TINY, "model.feature_map=cosh"], "unknown feature_map 'cosh'"),
             ([*launch, TINY, "parallel.softmax_sp=ulysses", "model.n_kv_heads=1"],
              "ulysses needs query heads (4) and kv heads (1) divisible by its degree 2"),
@@ -117,7 +137,7 @@ def test_an_error_inside_the_workers_prints_once(tmp_path):
     cmd = torchrun_command(TINY, [f"run.dir={tmp_path}", "parallel.sp_size=3", "data.seq_len=132"], nproc=2)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
-    assert done.returncode == 1 and "Traceback" not in out, out
+    assert done.returncode == 2 and "Traceback" not in out, out  # the worker's own exit code for a bad input
     assert out.count("parallel.sp_size=3 does not divide the world size 2") == 1, out
 
 
@@ -214,6 +234,12 @@ def test_slurm_script_resources_stop_budget_and_absolute_run_dir(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     args = ["slurm", "--nodes", "2", "--gpus-per-node", "4", "--output", "out", TINY, "run.dir=runs/x",
             "run.stop_timeout=200"]
+    np.zeros(1000, dtype=np.uint16).tofile(tmp_path / "d.bin")
+    assert cli([*args, "data.source=bin", "data.path=d.bin"]) == 0
+    script = next((tmp_path / "out").glob("*.sbatch")).read_text()
+    assert f"data.path={tmp_path}/d.bin" in script and "data.path=d.bin" not in script  # jobs start elsewhere
+    for old in (tmp_path / "out").glob("*.sbatch"):
+        old.unlink()
     assert cli(args) == 0
     script = next((tmp_path / "out").glob("*.sbatch")).read_text()
     assert "#SBATCH --exclusive" in script and "#SBATCH --cpus-per-task" not in script
@@ -229,7 +255,8 @@ def test_slurm_script_resources_stop_budget_and_absolute_run_dir(tmp_path, monke
 
 
 def test_bench_runs_a_benchmark_script():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # --smoke sets it
     done = subprocess.run([sys.executable, "-m", "longtrain", "bench", "kernels", "--smoke"], capture_output=True,
-                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=300)
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "flash attention max err" in done.stdout

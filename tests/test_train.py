@@ -77,6 +77,13 @@ def test_resume_false_sets_the_earlier_run_aside(tmp_path, capsys):
     assert resumed.step == 2  # this run's checkpoint, not the earlier run's step 4
 
 
+def test_a_run_resumed_at_its_last_step_says_there_is_nothing_to_train(tmp_path, capsys):
+    train(small_config(tmp_path, "train.steps=2"))
+    train(small_config(tmp_path, "train.steps=1"))
+    assert f"nothing to train: {tmp_path}/checkpoints/step_00000002 is at step 2, train.steps=1" in \
+        capsys.readouterr().out
+
+
 def test_a_run_with_nothing_to_resume_sets_the_earlier_metrics_aside(tmp_path):
     train(small_config(tmp_path, "train.steps=3", "train.save_last=false"))
     train(small_config(tmp_path, "train.steps=1", "train.save_last=false"))

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from longtrain.config import Config, ConfigError, check_world, load_config
+from longtrain.config import Config, ConfigError, load_config
 from longtrain.launch.slurm import slurm_script, write_script
 from longtrain.launch.torchrun import rdzv_id_for, torchrun_command
 from longtrain.trainer.checkpoint import CheckpointError
@@ -52,16 +52,17 @@ def check_model_and_sample(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
-def preflight(cfg: Config, world: int) -> None:
-    """Everything checkable before a worker starts; raises ConfigError naming the key and value."""
-    check_world(cfg, world)
+def load_checked(args, world: int) -> Config:
+    """The config, with everything checkable before a worker starts for `world` processes; ConfigError names the
+    key and value."""
+    cfg = load_config(args.config, args.overrides, world)
     check_data(cfg.data)
     check_model_and_sample(cfg)
+    return cfg
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = load_checked(args, int(os.environ.get("WORLD_SIZE", "1")))
     from longtrain.trainer.train import train
     train(cfg)
     return 0
@@ -89,8 +90,7 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
 def cmd_launch(args) -> int:
     if args.nnodes > 1 and not args.rdzv:
         raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv HOST:PORT (the c10d rendezvous on the first node)")
-    cfg = load_config(args.config, args.overrides)  # fail here, not in N workers
-    preflight(cfg, args.nproc * args.nnodes)
+    cfg = load_checked(args, args.nproc * args.nnodes)  # fail here, not in N workers
     cmd = torchrun_command(args.config, args.overrides, args.nproc, args.nnodes, args.rdzv, args.max_restarts,
                            rdzv_id_for(cfg.run.dir), cfg.run.stop_timeout)
     print(shlex.join(cmd), flush=True)
@@ -101,9 +101,10 @@ def cmd_launch(args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    preflight(cfg, args.nodes * args.gpus_per_node)
-    overrides = [*args.overrides, f"run.dir={os.path.abspath(cfg.run.dir)}"]  # jobs may start in another directory
+    cfg = load_checked(args, args.nodes * args.gpus_per_node)
+    paths = {"run.dir": cfg.run.dir, "data.path": cfg.data.path, "data.tokenizer": cfg.data.tokenizer}
+    overrides = [item for item in args.overrides if item.split("=", 1)[0] not in paths]
+    overrides += [f"{key}={os.path.abspath(path)}" for key, path in paths.items() if path]  # jobs start elsewhere
     text = slurm_script(args.config, overrides, args.nodes, args.gpus_per_node, args.partition, args.time,
                         args.account, os.path.abspath(args.output), args.max_restarts, args.cpus_per_task,
                         args.python, cfg.run.stop_timeout, args.signal_lead)
@@ -139,7 +140,8 @@ def cmd_bench(args) -> int:
         print(f"{script} not found: the benchmarks ship with the repository checkout, not the package",
               file=sys.stderr)
         return 1
-    return subprocess.call([sys.executable, os.path.abspath(script), *args.args])
+    env = dict(os.environ, TRITON_INTERPRET="1") if "--smoke" in args.args else None  # the CPU interpreter check
+    return subprocess.call([sys.executable, os.path.abspath(script), *args.args], env=env)
 
 
 def cmd_plan(args) -> int:
@@ -199,7 +201,14 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from longtrain.trainer.data import prepare
+    from longtrain.trainer.data import prepare, text_files
+    if not os.path.exists(args.input) or not text_files(args.input):
+        why = "has no files" if os.path.isdir(args.input) else "does not exist"
+        raise ConfigError(f"prepare: input {args.input!r} {why}")
+    if args.tokenizer and not os.path.isfile(args.tokenizer):
+        raise ConfigError(f"prepare: --tokenizer {args.tokenizer!r} is not a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ConfigError(f"prepare: the folder of output {args.output!r} does not exist")
     stream = prepare(args.input, args.output, args.tokenizer, args.eos_id)
     print(f"wrote {len(stream)} tokens to {args.output}")
     return 0
@@ -273,11 +282,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, with key=value overrides allowed after the options too (`launch CONFIG --nproc 2 a.b=1`)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        p.parse_args(argv)  # argparse's own one-line error and exit code 2
+    if extra:
+        args.overrides += extra
+    return args
+
+
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.fn(args)
     except (ConfigError, CheckpointError) as e:

@@ -33,7 +33,7 @@ def torchrun_command(config: str, overrides: list[str], nproc: int, nnodes: int 
 
 def main(argv: list[str] | None = None) -> int:
     """torch.distributed.run with one line instead of a traceback: a stop signal exits 128 + signal (after the
-    workers' clean stop), a failed worker exits 1."""
+    workers' clean stop), a failed worker with its own exit code (2: a bad input it reported), else 1."""
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         print(f"error: rank {rank} exited with code {failure.exitcode}; every worker was stopped", file=sys.stderr)
-        return 1
+        return failure.exitcode if 0 < failure.exitcode < 128 else 1
     return 0
 
 

@@ -13,6 +13,8 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -159,13 +161,22 @@ def commit(run_dir: str, tmp: str, final: str, keep_last: int, rank0: bool) -> s
     return final
 
 
+@contextmanager
+def one_process_quiet():
+    """DCP warns on every call that it runs in a single process, as `longtrain train` without torchrun does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer, extra: dict, keep_last: int,
                     rank0: bool) -> str:
     """Save model, optimizer and `extra` (step, data position, RNG) for `step`; returns the final path."""
     tmp, final = begin(run_dir, step, rank0)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              "extra": extra}
-    dcp.save(state, checkpoint_id=tmp)
+    with one_process_quiet():
+        dcp.save(state, checkpoint_id=tmp)
     return commit(run_dir, tmp, final, keep_last, rank0)
 
 
@@ -196,7 +207,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer, extra_template: dict
     check_format(path, deepspeed=False)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              "extra": extra_template}
-    dcp.load(state, checkpoint_id=path)
+    with one_process_quiet():
+        dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return state["extra"]

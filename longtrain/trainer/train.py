@@ -220,6 +220,8 @@ class Trainer:
         t = self.cfg.train
         previous = {sig: signal.signal(sig, self.request_stop) for sig in STOP_SIGNALS}
         last = {}
+        if self.step >= t.steps and self.rank0:
+            print(f"nothing to train: {self.saved_path} is at step {self.step}, train.steps={t.steps}")
         while self.step < t.steps:
             out = self.train_step()
             if self.stop_requested:
