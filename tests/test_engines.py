@@ -89,6 +89,19 @@ def test_engines_match_one_process(world, reference, tmp_path):
             np.testing.assert_allclose(params[key], value, atol=2e-5, err_msg=f"{name}: {key}")
 
 
+def grad_norms(rank, world, tmp, engine, stage):
+    trainer = Trainer(config(f"{tmp}/{engine}{stage}", engine, 1, world, stage, True))
+    return [trainer.train_step()["grad_norm"] for _ in range(STEPS)]
+
+
+def test_deepspeed_reports_the_gradient_norm_at_every_zero_stage(tmp_path):
+    """Stage 0 in fp32 leaves DeepSpeed without a norm of its own (it logged 0.0); every stage reports DDP's."""
+    want = run_distributed(grad_norms, 2, str(tmp_path), "ddp", 0)[0]
+    for stage in (0, 2):
+        np.testing.assert_allclose(run_distributed(grad_norms, 2, str(tmp_path), "deepspeed", stage)[0], want,
+                                   rtol=1e-5, err_msg=f"zero stage {stage}")
+
+
 def bf16_run(rank, world, tmp):
     """First-step loss under bf16 and the dtype of a block's weights inside its forward."""
     cfg = load_config(None, BASE + [f"run.dir={tmp}/bf16-{world}-{rank}", "train.engine=fsdp", "parallel.sp_size=1",

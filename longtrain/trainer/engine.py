@@ -113,8 +113,15 @@ class DeepSpeedEngine:
     def step(self, lr: float) -> float:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
+        # without ZeRO (fp32) DeepSpeed clips but keeps no norm: take the reduced gradients' norm before its step
+        own_norm = None
+        if self.ds.zero_optimization_stage() == 0:
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            own_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.ds.step()
-        return float(self.ds.get_global_grad_norm() or 0.0)
+        norm = self.ds.get_global_grad_norm()
+        norm = own_norm if norm is None else norm
+        return float("nan") if norm is None else float(norm)
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
