@@ -1,5 +1,6 @@
 """`longtrain train|launch|slurm|prepare|bench`: the command line. Training lives in longtrain.trainer."""
 import argparse
+import logging
 import os
 import shlex
 import shutil
@@ -297,6 +298,19 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line's exit code. As a program (argv None) under torchrun, the worker then exits at once:
+    at interpreter teardown a distributed library's thread can still run and abort the process (SIGABRT, seen
+    now and then after runs that ended well), which torchrun and SLURM would take for a failure."""
+    code = run(argv)
+    if argv is None and "RANK" in os.environ:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run(argv: list[str] | None) -> int:
     args = parse(argv)
     try:
         return args.fn(args)
