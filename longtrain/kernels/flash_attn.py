@@ -132,8 +132,9 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, offs_m, offs_d, d_ok, q
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        keys = offs_n[:, None].to(tl.int64)  # times a stride: past 2**31 at long N
+        k = tl.load(K + keys * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + keys * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale
         if MASKED:
             mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)
@@ -301,8 +302,9 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, skn, svn, lo, hi, offs_m, offs_d, d_
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < Nk) & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        keys = offs_n[:, None].to(tl.int64)  # times a stride: past 2**31 at long N
+        k = tl.load(K + keys * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + keys * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         mask = None
         if MASKED:
             mask = _tile_mask(offs_m, offs_n, q_start, k_start, Nq, Nk, QSEG, KSEG, b, CAUSAL, WINDOW, HAS_SEG)

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from longtrain.config import Config, ConfigError, load_config
 from longtrain.launch.slurm import slurm_script, write_script
 from longtrain.launch.torchrun import rdzv_id_for, torchrun_command
@@ -20,7 +18,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # a stop re
 
 
 def check_data(data) -> None:
-    """data.path exists and is not empty; a .bin stream holds at least one sequence."""
+    """data.path exists and is not empty (the loader, drawn from by check_model_and_sample, checks its length)."""
     if data.source not in ("bin", "text"):
         return
     if not os.path.exists(data.path):
@@ -29,10 +27,6 @@ def check_data(data) -> None:
         if os.path.isdir(data.path) else os.path.getsize(data.path)
     if size == 0:
         raise ConfigError(f"data.path={data.path!r} is empty")
-    tokens = size // np.dtype(data.bin_dtype).itemsize
-    if data.source == "bin" and tokens <= data.seq_len:
-        raise ConfigError(f"data.path={data.path!r} holds {tokens} tokens, fewer than data.seq_len+1 = "
-                          f"{data.seq_len + 1}")
 
 
 def check_model_and_sample(cfg: Config) -> None:
