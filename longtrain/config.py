@@ -79,6 +79,7 @@ class TrainConfig:
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda
     offload_activations: bool = False  # blocks' saved activations go to CPU memory (where not recomputed)
+    compile: bool = False  # torch.compile each block's norm + MLP; the mixers (SP communication) stay eager
 
 
 @dataclass
@@ -224,6 +225,9 @@ def validate(cfg: Config) -> None:
     check_ulysses_heads(cfg, names)
     if "window" in names and not cfg.model.window:
         raise ConfigError("mixer 'window' needs model.window > 0")
+    if cfg.train.compile and cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
+        raise ConfigError("train.compile=true does not work with DeepSpeed ZeRO-3 (its parameter hooks break the "
+                          "compiled graph): use train.engine=fsdp, which shards parameters too, or zero_stage<=2")
     if cfg.data.source in ("bin", "text") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source!r} needs data.path")
 

@@ -40,6 +40,9 @@ def test_cross_field_errors():
         load_config(None, ["parallel.softmax_sp=rung"])
     with pytest.raises(ConfigError, match="data.source='bin' needs data.path"):
         load_config(None, ["data.source=bin"])
+    with pytest.raises(ConfigError, match="train.compile=true does not work with DeepSpeed ZeRO-3"):
+        load_config(None, ["train.compile=true", "train.engine=deepspeed", "train.zero_stage=3"])
+    load_config(None, ["train.compile=true", "train.engine=deepspeed", "train.zero_stage=2"])
     for linear_sp in ("lasp1", "lasp2", "zeco", "ulysses"):  # every linear algorithm takes the zigzag layout
         load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", f"parallel.linear_sp={linear_sp}"])
     with pytest.raises(ConfigError, match="model.layers has 2 entries"):

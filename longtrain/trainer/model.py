@@ -31,6 +31,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
         x = x + self.mixer(self.attn_norm(x), ctx)
+        return self.feed_forward(x)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """x + mlp(norm(x)): the part of the block that `train.compile` hands to torch.compile."""
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -44,12 +44,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def parallelize(model: nn.Module, mesh: Mesh, cfg, device: torch.device, bf16: bool) -> nn.Module:
     """Checkpointing (model.activation_checkpointing, model.checkpoint_mode), offload (train.offload_activations),
-    then FSDP2 or DDP over all dp x sp ranks; DeepSpeed's engine is built afterwards by build_engine."""
+    compile (train.compile), then FSDP2 or DDP over all dp x sp ranks; DeepSpeed's engine is built afterwards by build_engine."""
     if cfg.model.activation_checkpointing:
         apply_checkpointing(model, cfg.model.checkpoint_mode)
     if cfg.train.offload_activations and not (cfg.model.activation_checkpointing and
                                               cfg.model.checkpoint_mode == "block"):
         apply_offload(model)  # blocks recomputed whole save only their input: nothing to move
+    if cfg.train.compile:
+        apply_compile(model)
     if mesh.dp_size * mesh.sp_size == 1 or cfg.train.engine == "deepspeed":
         return model
     if cfg.train.engine == "fsdp":
@@ -72,6 +74,13 @@ def apply_offload(model: nn.Module) -> None:
     for block in model.blocks:
         block.register_forward_pre_hook(enter_offload)
         block.register_forward_hook(leave_offload)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block's norm + MLP (one fused graph per block, as torchtitan compiles blocks). The mixers
+    stay eager: their SP communication and Triton kernels are outside what dynamo traces in one graph."""
+    for block in model.blocks:
+        block.feed_forward = torch.compile(block.feed_forward, fullgraph=True)
 
 
 def enter_offload(module: nn.Module, args) -> None:
