@@ -79,6 +79,7 @@ class TrainConfig:
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda
     offload_activations: bool = False  # blocks' saved activations go to CPU memory (where not recomputed)
+    profile_step: int = 0  # trace this step with torch.profiler into run.dir/profile/ (0: none)
     compile: bool = False  # torch.compile each block's norm + MLP; the mixers (SP communication) stay eager
 
 
@@ -202,6 +203,8 @@ def validate(cfg: Config) -> None:
     choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
+    if cfg.train.profile_step < 0:
+        raise ConfigError(f"train.profile_step must be >= 0 (0: no trace), got {cfg.train.profile_step}")
     if cfg.parallel.zeco_blocks is not None and cfg.parallel.zeco_blocks < 1:
         raise ConfigError(f"parallel.zeco_blocks must be >= 1 (or null: 4), got {cfg.parallel.zeco_blocks}")
     choice(cfg.run.resume, [True, False, "strict"], "run.resume")

@@ -103,7 +103,7 @@ def not_empty(path: str) -> bool:
     return os.path.exists(path) and os.path.getsize(path) > 0
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.png", "config.yaml", "wandb_id.txt", "wandb")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.png", "config.yaml", "wandb_id.txt", "wandb", "profile")
 
 
 def set_aside_earlier_run(run_dir: str) -> None:

@@ -22,6 +22,7 @@ from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_byt
 from longtrain.trainer.model import LM
 from longtrain.trainer.parallelize import build_engine
 from longtrain.trainer.plot import plot_run
+from longtrain.trainer.profile import maybe_traced, trace_path
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # each saves a checkpoint and stops
@@ -223,7 +224,11 @@ class Trainer:
         if self.step >= t.steps and self.rank0:
             print(f"nothing to train: {self.saved_path} is at step {self.step}, train.steps={t.steps}")
         while self.step < t.steps:
-            out = self.train_step()
+            with maybe_traced(self.cfg.run.dir, self.step + 1, t.profile_step, self.rank, self.device):
+                out = self.train_step()
+            if self.step == t.profile_step and self.rank0:
+                print(f"trace of step {self.step}: {os.path.dirname(trace_path(self.cfg.run.dir, self.step, 0))}/ "
+                      f"(a Chrome trace per rank, for https://ui.perfetto.dev)")
             if self.stop_requested:
                 break
             last = out

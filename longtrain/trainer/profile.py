@@ -1,0 +1,25 @@
+"""One training step traced by torch.profiler (train.profile_step): where the step's time goes, comm included."""
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def trace_path(run_dir: str, step: int, rank: int) -> str:
+    return os.path.join(run_dir, "profile", f"step_{step:08d}", f"rank{rank}.json")
+
+
+@contextmanager
+def traced(path: str, device: torch.device):
+    """Record CPU (and CUDA) activity of the body into a Chrome trace at `path` (open it in Perfetto)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    prof.export_chrome_trace(path)
+
+
+def maybe_traced(run_dir: str, step: int, profile_step: int, rank: int, device: torch.device):
+    """`traced` for the step numbered `profile_step`, a no-op for every other step."""
+    return traced(trace_path(run_dir, step, rank), device) if step == profile_step else nullcontext()
