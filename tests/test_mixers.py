@@ -1,8 +1,12 @@
-"""Every registered mixer: shape, causality, document isolation, gradients reach every parameter."""
+"""Every registered mixer: its published equations, shape, causality, document isolation, gradients reach every
+parameter."""
+import math
+
 import pytest
 import torch
 
 from longtrain.attention import MIXERS, AttnContext, MixerOptions, build_mixer
+from longtrain.attention.registry import SOFTMAX_FAMILY
 
 OPTS = MixerOptions(n_kv_heads=2, window=6, chunk_size=8)
 
@@ -54,3 +58,82 @@ def test_gradient_reaches_every_parameter(name):
 def test_unknown_mixer_lists_known_names():
     with pytest.raises(ValueError, match="unknown mixer 'softmx'; known mixers: softmax, window"):
         build_mixer("softmx", 32, 4)
+
+
+def heads(x, weight, n_heads):
+    """x [B, N, d] @ weight^T -> [B, H, N, D]."""
+    B, N, _ = x.shape
+    return (x @ weight.T).view(B, N, n_heads, -1).transpose(1, 2)
+
+
+def rotate(x, base):
+    """RoPE as complex rotation: channel pair (i, i + D/2) of token n turns by n * base^(-2i/D)."""
+    half = x.shape[-1] // 2
+    angle = torch.arange(x.shape[2], dtype=torch.float64)[:, None] * base ** (-2 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], -1)
+
+
+def softmax_family_spec(mixer, x, name):
+    """Causal attention over all earlier tokens (window: the last W), GQA heads sharing K/V in groups, then W_o."""
+    B, N, _ = x.shape
+    H, Hkv = mixer.n_heads, mixer.n_kv_heads
+    q = rotate(heads(x, mixer.wq.weight, H), mixer.rope_base)
+    k, v = heads(x, mixer.wkv.weight, 2 * Hkv).chunk(2, 1)
+    k, v = rotate(k, mixer.rope_base).repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    visible = (j <= i) & ((j > i - OPTS.window) if name == "window" else True)
+    if name == "sigmoid":  # Ramapuram et al.: sigmoid(s - log N), no normaliser
+        weights = torch.sigmoid(scores - math.log(N)) * visible
+    else:
+        weights = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)
+    out = (weights @ v).transpose(1, 2)  # [B, N, H, D]
+    if name == "gated_softmax":  # Qiu et al.: elementwise sigmoid gate from the layer input
+        out = out * torch.sigmoid(x @ mixer.wg.weight.T + mixer.wg.bias).view_as(out)
+    return out.reshape(B, N, -1) @ mixer.wo.weight.T
+
+
+def linear_family_spec(mixer, x, name):
+    """Token by token: S_t = a_t S_{t-1} + k_t^T v_t, o_t = q_t S_t / sqrt(D); per-head RMS norm, gate, W_o."""
+    B, N, _ = x.shape
+    H = mixer.n_heads
+    q, k, v = heads(x, mixer.wqkv.weight, 3 * H).chunk(3, 1)  # [B, H, N, D]
+    D = q.shape[-1]
+    phi = {"linear": lambda t: torch.nn.functional.elu(t) + 1, "lightning": torch.nn.functional.silu}.get(
+        name, lambda t: t)
+    q, k = phi(q), phi(k)
+    h = torch.arange(H, dtype=torch.float64)[None, :, None, None]
+    decay = torch.ones(B, H, N, D, dtype=torch.float64)
+    if name == "lightning":  # TransNormerLLM: exp(-slope_h), ALiBi slopes 2^(-8 (h+1) / H)
+        decay = decay * torch.exp(-2 ** (-8 * (h + 1) / H))
+    if name == "retention":  # RetNet: gamma_h = 1 - 2^(-5-h)
+        decay = decay * (1 - 2 ** (-5 - h))
+    if name == "gla":  # Yang et al.: alpha_t = sigmoid(x W1 W2 + b)^(1/16) per key channel
+        logits = x @ mixer.gate_down.weight.T @ mixer.gate_up.weight.T + mixer.gate_up.bias
+        decay = torch.sigmoid(logits).pow(1 / 16).view(B, N, H, D).transpose(1, 2)
+    if name == "mamba2":  # SSD: S_t = exp(dt_t A) S_{t-1} + dt_t k_t^T v_t, A = -exp(A_log)
+        dt = torch.nn.functional.softplus(x @ mixer.w_dt.weight.T + mixer.w_dt.bias).transpose(1, 2)[..., None]
+        decay = decay * torch.exp(-dt * torch.exp(mixer.A_log)[None, :, None, None])
+        k = k * dt
+    state = torch.zeros(B, H, D, D, dtype=torch.float64)
+    outs = []
+    for t in range(N):
+        state = decay[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(q[:, :, t, None, :] @ state / D ** 0.5)
+    out = torch.cat(outs, 2).transpose(1, 2)  # [B, N, H, D]
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * mixer.out_norm.weight
+    if name in ("retention", "gla", "mamba2"):  # swish output gate
+        out = out * torch.nn.functional.silu(x @ mixer.out_gate.wg.weight.T).view_as(out)
+    return out.reshape(B, N, -1) @ mixer.wo.weight.T
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_matches_its_published_equations(name):
+    """Each mixer against its paper's equations written out densely (softmax family) or token by token (linear)."""
+    mixer = make(name)
+    for p in mixer.parameters():  # away from the init's zeros and ones, so a dropped bias or norm weight shows
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    spec = softmax_family_spec if name in SOFTMAX_FAMILY else linear_family_spec
+    torch.testing.assert_close(mixer(x, AttnContext.single(20)), spec(mixer, x, name), atol=1e-10, rtol=0)

@@ -73,6 +73,12 @@ def test_window_band_split_as_on_cuda_matches_naive(case, monkeypatch):
     test_softmax_matches_naive(case, (4, 2))
 
 
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_softmax_tile_loop_as_for_float64_on_cuda_matches_naive(case, monkeypatch):
+    monkeypatch.setattr(reference, "uses_fused", lambda q, kind: False)  # CUDA has no fused float64 attention
+    test_softmax_matches_naive(case, (4, 2))
+
+
 @pytest.mark.parametrize("case", [dict(window=7), dict(q_start=30, k_start=10), dict(window=9, segment_ids=True)],
                          ids=str)
 def test_block_masks_built_without_the_cache_match_naive(case, monkeypatch):

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 ALGORITHMS = ["lasp1", "lasp2", "zeco", "ulysses"]
 
 
-def make_inputs(N, decay, docs, dtype, B=2, H=4, D=8):
+def make_inputs(N, decay, docs, dtype, B=3, H=4, D=8):
     g = torch.Generator().manual_seed(1)
     q, k, v, dout = (torch.randn(B, H, N, D, generator=g, dtype=dtype) for _ in range(4))
     log_decay = None
@@ -24,6 +24,8 @@ def make_inputs(N, decay, docs, dtype, B=2, H=4, D=8):
         bounds = torch.tensor([3, 17, 18, 40])
         seg = torch.bucketize(torch.arange(N), bounds, right=True)[None].repeat(B, 1)
         seg[1] = 0  # one row is a single document
+        seg[2] = torch.bucketize(torch.arange(N), torch.tensor([8, 12, 16, 24, 32, 36]), right=True)  # documents
+        # that start on chunk boundaries: a rank's first token opens a document (P = 2, 3, 4, both layouts)
     return q, k, v, log_decay, dout, seg
 
 

@@ -9,6 +9,7 @@ from longtrain.parallel.spawn import run_distributed
 from longtrain.attention import sigmoid_attention, softmax_attention
 from longtrain.kernels import get_backend
 from longtrain.parallel import comm, shard_sequence, sp_softmax_attention, unshard_sequence
+from longtrain.parallel.sharding import num_chunks
 from longtrain.parallel.ring import chunk_pairs, document_spans, ring_attention, sequence_spans
 
 pytestmark = pytest.mark.slow
@@ -20,34 +21,40 @@ def make_inputs(B, Hq, Hkv, N, D, dtype, docs):
     k = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
     v = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
     dout = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
+    dlse = torch.randn(B, Hq, N, generator=g, dtype=torch.float32)
     seg = None
     if docs:  # documents of odd lengths that cross every rank boundary
         bounds = torch.tensor([0, 5, 13, 14, 29, N])
         seg = torch.bucketize(torch.arange(N), bounds[1:-1], right=True)[None].repeat(B, 1)
-    return q, k, v, dout, seg
+    return q, k, v, dout, dlse, seg
 
 
-def reference(q, k, v, dout, seg, kind, causal, window):
+def backward(out, lse, dout, dlse):
+    """Gradients from both outputs: a caller may use the lse (merging attention results, say)."""
+    torch.autograd.backward([out] + ([lse] if lse is not None else []), [dout] + ([dlse] if lse is not None else []))
+
+
+def reference(q, k, v, dout, dlse, seg, kind, causal, window):
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     if kind == "sigmoid":
         out, lse = sigmoid_attention(q, k, v, causal=causal, window=window, segment_ids=seg, bias=-2.0), None
     else:
         out, lse = softmax_attention(q, k, v, causal=causal, window=window, segment_ids=seg)
-    out.backward(dout)
+    backward(out, lse, dout, dlse)
     return out, lse, q.grad, k.grad, v.grad
 
 
-def check_case(group, algorithm, layout, kind, causal, window, docs, Hq, Hkv, dtype, tol, ulysses_size=1):
+def check_case(group, algorithm, layout, kind, causal, window, docs, Hq, Hkv, dtype, tol, ulysses_size=1, **kw):
     N = 48
-    q, k, v, dout, seg = make_inputs(2, Hq, Hkv, N, 16, dtype, docs)
-    ref = reference(q, k, v, dout, seg, kind, causal, window)
+    q, k, v, dout, dlse, seg = make_inputs(2, Hq, Hkv, N, 16, dtype, docs)
+    ref = reference(q, k, v, dout, dlse, seg, kind, causal, window)
     shard = lambda t, dim=2: None if t is None else shard_sequence(t, dim, group, layout)
     ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
     out, lse = sp_softmax_attention(ql, kl, vl, group=group, algorithm=algorithm, layout=layout, causal=causal,
                                     window=window, segment_ids=shard(seg, 1), kind=kind, sigmoid_bias=-2.0,
-                                    ulysses_size=ulysses_size)
-    out.backward(shard(dout))
-    name = f"{algorithm}/{layout}/{kind}/causal={causal}/window={window}/docs={docs}/H={Hq}:{Hkv}/{dtype}"
+                                    ulysses_size=ulysses_size, **kw)
+    backward(out, lse, shard(dout), shard(dlse))
+    name = f"{algorithm}/{layout}/{kind}/causal={causal}/window={window}/docs={docs}/H={Hq}:{Hkv}/{dtype}/{kw}"
     for what, got, want in [("out", out, ref[0]), ("dq", ql.grad, ref[2]), ("dk", kl.grad, ref[3]),
                             ("dv", vl.grad, ref[4])] + ([("lse", lse, ref[1])] if kind == "softmax" else []):
         err = (got.double() - shard(want).double()).abs().max().item()
@@ -60,8 +67,9 @@ def worker_all_algorithms(rank, world):
     group = torch.distributed.group.WORLD
     for algorithm, layout, kind in itertools.product(["ring", "allgather", "ulysses"], ["contiguous", "zigzag"],
                                                      ["softmax", "sigmoid"]):
+        chunk = 48 // num_chunks(world, layout)  # windows whose edge falls on a chunk boundary, and a tiny one
         for causal, window, docs in [(True, None, False), (False, None, False), (True, 7, False), (True, None, True),
-                                     (True, 11, True)]:
+                                     (True, 11, True), (True, 2, False), (True, chunk + 1, False)]:
             if window is not None and not causal:
                 continue
             heads = (12, 12) if algorithm == "ulysses" else (4, 2)
@@ -69,6 +77,8 @@ def worker_all_algorithms(rank, world):
                        torch.float64, 1e-10)
     check_case(group, "ring", "zigzag", "softmax", True, None, True, 4, 2, torch.float32, 1e-5)
     check_case(group, "allgather", "contiguous", "softmax", True, 9, False, 4, 2, torch.float32, 1e-5)
+    check_case(group, "allgather", "zigzag", "softmax", True, None, True, 4, 2, torch.float64, 1e-10,
+               save_gathered_kv=True)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -97,7 +107,7 @@ def worker_ring_skips_foreign_documents(rank, world):
     torch_kernels = get_backend("torch")
     counting = types.SimpleNamespace(attention_backward=torch_kernels.attention_backward)
     counting.attention_forward = lambda *a, **kw: calls.append(1) or torch_kernels.attention_forward(*a, **kw)
-    q, k, v, _, _ = make_inputs(2, 2, 2, N, 8, torch.float64, False)
+    q, k, v, _, _, _ = make_inputs(2, 2, 2, N, 8, torch.float64, False)
     seg = (torch.arange(N) // (N // 8))[None].repeat(2, 1)  # 8 documents: one per zigzag chunk at P=4
     seg[1, 40:] = 7  # row 1: the last three chunks are one document
     local = [shard_sequence(t, 2, group, "zigzag") for t in (q, k, v)]
@@ -141,7 +151,7 @@ def test_usp_four_ranks_two_groups():
 
 def worker_ring_bytes(rank, world):
     B, Hkv, N, D = 2, 2, 64, 8
-    q, k, v, dout, _ = make_inputs(B, 4, Hkv, N, D, torch.float32, False)
+    q, k, v, dout, _, _ = make_inputs(B, 4, Hkv, N, D, torch.float32, False)
     group = torch.distributed.group.WORLD
     comm.reset_counters()
     sp_softmax_attention(shard_sequence(q, 2, group), shard_sequence(k, 2, group), shard_sequence(v, 2, group),
@@ -184,7 +194,7 @@ def test_one_failing_rank_fails_fast():
 
 def worker_allgather_ulysses_bytes(rank, world):
     B, H, N, D = 2, 4, 64, 8
-    q, k, v, dout, _ = make_inputs(B, H, H, N, D, torch.float32, False)
+    q, k, v, dout, _, _ = make_inputs(B, H, H, N, D, torch.float32, False)
     group = torch.distributed.group.WORLD
     shard_bytes = B * H * (N // world) * D * 4
     lse_bytes = B * H * (N // world) * 4

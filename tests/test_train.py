@@ -21,7 +21,8 @@ from longtrain.launch.cli import main as cli
 from longtrain.trainer.checkpoint import (CheckpointError, begin, commit, complete_checkpoints, load_checkpoint,
                                           load_deepspeed_checkpoint)
 from longtrain.trainer.model import LM
-from longtrain.trainer.train import Trainer, train
+from longtrain.trainer.data import DataLoader
+from longtrain.trainer.train import Trainer, lr_at, train
 
 pytestmark = pytest.mark.slow
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
@@ -50,6 +51,39 @@ def test_loss_decreases_and_metrics_have_the_named_fields(tmp_path):
     assert train_fields <= set(records[0])
     assert any("eval/accuracy" in r and "eval/loss" in r for r in records)
     assert (tmp_path / "config.yaml").exists()
+
+
+def test_lr_schedule_warms_up_then_follows_the_cosine_to_its_floor():
+    t = small_config("unused", "train.lr=1.0", "train.warmup_steps=4", "train.steps=12", "train.min_lr_ratio=0.1").train
+    want = {0: 0.25, 3: 1.0, 4: 1.0, 8: 0.1 + 0.9 * 0.5, 12: 0.1, 20: 0.1}  # cosine halfway: the mean of lr and floor
+    assert {step: round(lr_at(step, t), 12) for step in want} == want
+
+
+def test_accumulated_step_logs_the_full_batch_loss_and_gradient_norm(tmp_path):
+    """grad_accum=2: the logged loss, lr and gradient norm are those of both micro-batches as one batch, computed
+    here with F.cross_entropy on the model's full logits."""
+    cfg = small_config(tmp_path, "train.steps=1", "train.grad_accum=2", "train.grad_clip=1e9")
+    train(cfg)
+    record = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    torch.manual_seed(cfg.train.seed)
+    model = LM(cfg.model)
+    loader = DataLoader(cfg.data)
+    micro = [loader.next_batch() for _ in range(2)]
+    tokens, targets, mask = (torch.cat([getattr(b, name) for b in micro]) for name in ("tokens", "targets", "loss_mask"))
+    N = tokens.shape[1]
+    logits = model(tokens, AttnContext(torch.arange(N), N, None))
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    loss = (losses * mask.flatten()).sum() / mask.sum()
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert record["train/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert record["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    assert record["train/lr"] == pytest.approx(cfg.train.lr / cfg.train.warmup_steps)  # step 1 of the warmup
+
+
+def test_evaluation_sees_the_same_batches_every_time(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "train.eval_batches=2"))
+    assert trainer.evaluate() == trainer.evaluate()  # same weights, same batches: the same numbers
 
 
 def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
@@ -122,6 +156,15 @@ def test_a_failed_run_leaves_the_process_group_to_process_exit(tmp_path, monkeyp
         assert destroyed == [True]
     finally:
         destroy()
+
+
+def test_profile_step_writes_a_trace_of_that_step_only(tmp_path, capsys):
+    train(small_config(tmp_path, "train.steps=3", "train.profile_step=2"))
+    assert os.listdir(tmp_path / "profile") == ["step_00000002"]
+    trace = json.load(open(tmp_path / "profile" / "step_00000002" / "rank0.json"))
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"aten::mm", "Optimizer.step#AdamW.step"} <= names  # forward, backward and the optimizer step
+    assert "trace of step 2" in capsys.readouterr().out
 
 
 def test_keep_last_k(tmp_path):

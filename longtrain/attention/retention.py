@@ -1,6 +1,4 @@
 """RetNet retention: linear attention with fixed per-head decay gamma_h = 1 - 2^(-5-h) and a swish gate."""
-import math
-
 import torch
 from torch import Tensor
 
@@ -13,8 +11,8 @@ class Retention(LinearAttention):
 
     def __init__(self, d_model: int, n_heads: int, opts) -> None:
         super().__init__(d_model, n_heads, opts)
-        gammas = [1 - 2 ** (-5 - h) for h in range(n_heads)]
-        self.register_buffer("log_rates", torch.tensor([math.log(g) for g in gammas]), persistent=False)
+        gammas = 1 - 2.0 ** (-5 - torch.arange(n_heads, dtype=torch.float64))
+        self.register_buffer("log_rates", torch.log(gammas), persistent=False)  # float64: exact in fp64 runs too
         self.out_gate = SwishGate(d_model)
 
     def log_decay(self, x: Tensor) -> Tensor:
