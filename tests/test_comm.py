@@ -52,20 +52,23 @@ def test_nccl_mode_runs_a_peers_ops_in_posting_order():
     assert not posted_early and got0 == 8.0 and got1 == 4.0
 
 
-def worker_send_buffer_reuse(rank, world):
+def worker_send_buffer_reuse(rank, world, mode):
+    comm.emulate_nccl(mode == "nccl")
     group = torch.distributed.group.WORLD
-    buf = torch.ones(1000)
-    if rank == 0:
-        reqs = comm.p2p([(buf, 1)], [], group, "test")
-        buf.add_(1)  # reused before the send completed
-        with pytest.raises(RuntimeError, match="send buffer"):
-            comm.wait(reqs)
-    else:
-        comm.wait(comm.p2p([], [(buf, 0)], group, "test"))
+    for batched in (True, False):  # p2p's batch and the single send
+        buf = torch.ones(1000)
+        if rank == 0:
+            reqs = comm.p2p([(buf, 1)], [], group, "test") if batched else [comm.send(buf, 1, group, "test")]
+            buf.add_(1)  # reused before the send completed
+            with pytest.raises(RuntimeError, match="send buffer"):
+                comm.wait(reqs)
+        else:
+            comm.wait(comm.p2p([], [(buf, 0)], group, "test") if batched else [comm.recv(buf, 0, group, "test")])
 
 
-def test_writing_a_send_buffer_before_completion_fails():
-    run_distributed(worker_send_buffer_reuse, 2)
+@pytest.mark.parametrize("mode", ["gloo", "nccl"])
+def test_writing_a_send_buffer_before_completion_fails(mode):
+    run_distributed(worker_send_buffer_reuse, 2, mode)
 
 
 def worker_slow_link(rank, world):

@@ -67,6 +67,28 @@ def test_prepare_then_bin_source_packs_documents(tmp_path):
     assert torch.equal(text.tokens, batch.tokens)
 
 
+def test_stream_splits_into_disjoint_train_and_eval_windows(tmp_path):
+    """160 tokens hold 19 windows of 8 (each needs seq_len + 1 tokens, its last target): train takes windows 0-17,
+    eval the last tenth (window 18)."""
+    path = tmp_path / "stream.bin"
+    np.arange(20 * 8, dtype=np.uint16).tofile(path)
+    cfg = DataConfig(source="bin", path=str(path), seq_len=8, batch_size=1, eos_id=9999)
+    starts = {}
+    for split in ("train", "eval"):
+        loader = DataLoader(cfg, split=split)
+        firsts = []
+        for _ in range(20):
+            batch = loader.next_batch()
+            assert batch.tokens[0].tolist() == list(range(batch.tokens[0, 0], batch.tokens[0, 0] + 8))
+            assert batch.targets[0].tolist() == list(range(batch.tokens[0, 0] + 1, batch.tokens[0, 0] + 9))
+            firsts.append(int(batch.tokens[0, 0]))
+        starts[split] = sorted(set(firsts))
+    assert starts == {"train": [8 * w for w in range(18)], "eval": [8 * 18]}
+    np.arange(8, dtype=np.uint16).tofile(path)  # seq_len tokens: one short of a window
+    with pytest.raises(ValueError, match="holds 8 tokens, fewer than data.seq_len"):
+        DataLoader(cfg)
+
+
 def test_too_short_stream_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny.bin"
     np.arange(5, dtype=np.uint16).tofile(path)

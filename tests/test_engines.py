@@ -94,6 +94,27 @@ def grad_norms(rank, world, tmp, engine, stage):
     return [trainer.train_step()["grad_norm"] for _ in range(STEPS)]
 
 
+def worker_clipping(rank, world, tmp):
+    """The optimizer sees gradients of total norm train.grad_clip (computed over the full gradient, here from FSDP2
+    shards or DDP's replicas); the step reports the norm before clipping."""
+    out = {}
+    for engine in ("fsdp", "ddp"):
+        trainer = Trainer(config(f"{tmp}/{engine}", engine, 1, world, 2, False, "train.grad_clip=0.01"))
+        seen = []
+        step = trainer.engine.optimizer.step
+        trainer.engine.optimizer.step = lambda: seen.append(sum(
+            float((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).pow(2).sum())
+            for p in trainer.lm.parameters()) ** 0.5) or step()
+        out[engine] = (trainer.train_step()["grad_norm"], seen[0])
+    return out
+
+
+def test_clipping_scales_the_full_gradient_to_the_limit(tmp_path):
+    for result in run_distributed(worker_clipping, 2, str(tmp_path)):
+        for engine, (before, seen) in result.items():
+            assert before > 0.1 and seen == pytest.approx(0.01, rel=1e-5), engine
+
+
 def test_deepspeed_reports_the_gradient_norm_at_every_zero_stage(tmp_path):
     """Stage 0 in fp32 leaves DeepSpeed without a norm of its own (it logged 0.0); every stage reports DDP's."""
     want = run_distributed(grad_norms, 2, str(tmp_path), "ddp", 0)[0]

@@ -70,6 +70,9 @@ def test_a_changed_byte_is_caught_and_strict_resume_stops_with_one_line(tmp_path
     data[len(data) // 2] ^= 1
     open(shard, "wb").write(data)
     assert damage(checkpoint(tmp_path, 2)) == "__0_0.distcp does not match its sha256"
+    os.rename(os.path.join(checkpoint(tmp_path, 1), ".metadata"), os.path.join(tmp_path, "moved"))
+    assert damage(checkpoint(tmp_path, 1)) == ".metadata is missing"
+    os.rename(os.path.join(tmp_path, "moved"), os.path.join(checkpoint(tmp_path, 1), ".metadata"))
     capsys.readouterr()
     args = ["train", TINY, *SMALL, "parallel.sp_size=1", f"run.dir={tmp_path}", "train.steps=3"]
     assert cli([*args, "run.resume=strict"]) == 2

@@ -29,6 +29,8 @@ def test_torchrun_command_single_and_multi_node():
     assert "--max-restarts=2" in multi and "--standalone" not in multi and "--rdzv-id=run-a" in multi
     with pytest.raises(ValueError, match="--rdzv"):
         torchrun_command("c.yaml", [], nproc=8, nnodes=2)
+    one_node_at_an_endpoint = torchrun_command("c.yaml", [], nproc=8, rdzv="head:29500")
+    assert "--standalone" not in one_node_at_an_endpoint and "--rdzv-endpoint=head:29500" in one_node_at_an_endpoint
 
 
 def test_overrides_may_follow_the_options(capsys):

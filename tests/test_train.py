@@ -92,6 +92,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     train(small_config(part, "train.steps=20", "train.save_every=10"))
     assert sorted(os.listdir(part / "checkpoints")) == ["step_00000010", "step_00000020"]
     shutil.rmtree(part / "checkpoints" / "step_00000020")  # as if killed after step 10's checkpoint
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "train/lo')  # ... while it wrote a line
     train(small_config(part, "train.steps=20"))
     resumed, reference = losses(part), losses(full)
     steps = [json.loads(line)["step"] for line in open(part / "metrics.jsonl")]

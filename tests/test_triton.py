@@ -316,16 +316,19 @@ def worker_sp_on_triton(rank, world):
     group = torch.distributed.group.WORLD
     q, k, v = (rand(1, 2, 64, 32, seed=s).requires_grad_() for s in range(3))
     g = (-rand(1, 2, 64, 32, seed=4).abs()).requires_grad_()
-    ref_out, _ = softmax_attention(q, k, v)
-    ref_lin, _ = linear_attention(q, k, v, log_decay=g)
+    seg = torch.bucketize(torch.arange(64), torch.tensor([20, 40, 45]), right=True)[None]  # one crosses ranks
+    ref_out, _ = softmax_attention(q, k, v, segment_ids=seg)
+    ref_lin, _ = linear_attention(q, k, v, log_decay=g, segment_ids=seg)
     local = [shard_sequence(t.detach(), 2, group, "zigzag").requires_grad_() for t in (q, k, v)]
-    out, _ = sp_softmax_attention(*local, group=group, algorithm="ring", layout="zigzag", backend="triton")
+    out, _ = sp_softmax_attention(*local, group=group, algorithm="ring", layout="zigzag", backend="triton",
+                                  segment_ids=shard_sequence(seg, 1, group, "zigzag"))
     sm_grads = torch.autograd.grad(out.sum(), local)
     torch.testing.assert_close(out, shard_sequence(ref_out.detach(), 2, group, "zigzag"), atol=2e-5, rtol=1e-5)
     lin_ref = [torch.autograd.grad(ref_lin.sum(), t, retain_graph=True)[0] for t in (q, k, v, g)]
     for algorithm in ("zeco", "lasp2"):
         local = [shard_sequence(t.detach(), 2, group).requires_grad_() for t in (q, k, v, g)]
-        lin = sp_linear_attention(*local[:3], group=group, algorithm=algorithm, log_decay=local[3], backend="triton")
+        lin = sp_linear_attention(*local[:3], group=group, algorithm=algorithm, log_decay=local[3], backend="triton",
+                                  segment_ids=shard_sequence(seg, 1, group))
         lin_grads = torch.autograd.grad(lin.sum(), local)
         torch.testing.assert_close(lin, shard_sequence(ref_lin.detach(), 2, group), atol=2e-5, rtol=1e-5)
         for got, want in zip(lin_grads, lin_ref):
@@ -348,8 +351,10 @@ def test_sp_algorithms_run_exactly_on_the_triton_backend():
 def test_sp_correction_and_state_combine_kernels_match_reference(decay, with_docs):
     B, H, N, DK, DV = 2, 3, 40, 16, 32
     q, out, dout = rand(B, H, N, DK, seed=1), rand(B, H, N, DV, seed=2), rand(B, H, N, DV, seed=3)
-    b = -rand(B, H, N, DK if decay == "channel" else 1, seed=4).abs().cumsum(2)
-    from_state = (torch.arange(N, device=DEVICE) < 23).float()[None].repeat(B, 1) if with_docs else None
+    b = -0.02 * rand(B, H, N, DK if decay == "channel" else 1, seed=4).abs().cumsum(2)  # weak: every row counts
+    from_state = None
+    if with_docs:  # each batch row's first document ends at its own token
+        from_state = (torch.arange(N, device=DEVICE)[None] < torch.tensor([[23], [9]], device=DEVICE)).float()
     state, state_in = rand(B, H, DK, DV, seed=5), rand(B, H, DK, DV, seed=6)
     got = flash.sp_correction(out, q, b, from_state, 0.3, state)
     torch.testing.assert_close(got, reference.sp_correction(out, q, b, from_state, 0.3, state), atol=1e-5, rtol=1e-5)
