@@ -133,7 +133,8 @@ def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads
                    backend: str = "auto") -> dict[str, tuple[float, float]]:
     """(forward, backward) seconds per step of each SP algorithm's fixed cost (cost.overhead_key): one tiny op
     (two chunks per rank, heads rounded up so Ulysses divides them) on the world group with `backend`, less what
-    cost.py predicts for it from hw's FLOP/s and links, over its steps. USP only where P % U == 0."""
+    cost.py predicts for it from hw's FLOP/s and links, over its steps (0 where the op took less). USP only where
+    P % U == 0."""
     group, P = dist.group.WORLD, dist.get_world_size()
     N, U = 2 * P * chunk, min(ulysses, P)
     heads = -(-heads // math.lcm(P, U)) * math.lcm(P, U)
@@ -155,7 +156,8 @@ def step_overheads(hw: Hardware, device: torch.device, dtype: torch.dtype, heads
         cost = (linear_op_cost(alg, shape, P, hw, layout, zeco_blocks) if linear else
                 softmax_op_cost(alg, shape, P, hw, Mask(), layout, U))
         steps = sp_steps(alg, P, layout, U, Mask(), N)
-        out[overhead_key(alg, linear)] = ((fwd - cost.fwd_s) / steps, (bwd - cost.bwd_s) / steps)
+        # a fixed cost is >= 0: a busy machine can time the op below what the FLOP/s and links predict for it
+        out[overhead_key(alg, linear)] = (max(fwd - cost.fwd_s, 0.0) / steps, max(bwd - cost.bwd_s, 0.0) / steps)
     return out
 
 
