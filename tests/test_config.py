@@ -40,6 +40,8 @@ def test_cross_field_errors():
         load_config(None, ["parallel.softmax_sp=rung"])
     with pytest.raises(ConfigError, match="data.source='bin' needs data.path"):
         load_config(None, ["data.source=bin"])
+    load_config(None, ["parallel.sp_size=8", "parallel.softmax_sp=usp", "parallel.ulysses_size=2",
+                       "model.n_heads=4"])  # heads split over U=2 inside usp, not over all 8 ranks
     with pytest.raises(ConfigError, match="parallel.ulysses_size=3 must divide parallel.sp_size=4"):
         load_config(None, ["parallel.sp_size=4", "parallel.softmax_sp=usp", "parallel.ulysses_size=3"])
     with pytest.raises(ConfigError, match="train.compile=true does not work with DeepSpeed ZeRO-3"):

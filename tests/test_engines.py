@@ -5,10 +5,12 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from longtrain.config import load_config
 from longtrain.parallel.spawn import run_distributed
 from longtrain.trainer.checkpoint import damage
+from longtrain.trainer import parallelize
 from longtrain.trainer.model import LM
 from longtrain.trainer.train import Trainer
 
@@ -141,6 +143,16 @@ def test_fsdp_bf16_gathers_bf16_parameters(tmp_path):
     (loss, dtype, stored), _ = run_distributed(bf16_run, 2, str(tmp_path))
     assert (ref_dtype, dtype, stored) == ("torch.float32", "torch.bfloat16", "torch.float32")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)
+
+
+def test_fsdp_policy_reduces_bf16_gradients_in_fp32(monkeypatch):
+    """Every fully_shard call (each block, then the root) asks for bf16 gathers and fp32 gradient reductions."""
+    policies = []
+    monkeypatch.setattr(parallelize, "fully_shard", lambda module, mesh, mp_policy: policies.append(mp_policy) or module)
+    cfg = load_config(None, BASE)
+    parallelize.wrap_fsdp(LM(cfg.model), None, bf16=True)
+    assert len(policies) == cfg.model.n_layers + 1
+    assert all((p.param_dtype, p.reduce_dtype) == (torch.bfloat16, torch.float32) for p in policies)
 
 
 def save_and_resume(rank, world, tmp):

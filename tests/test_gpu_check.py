@@ -70,6 +70,26 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
     assert not alive(worker)
 
 
+def test_the_time_budget_cuts_a_step_with_a_longer_limit(tmp_path, monkeypatch):
+    """A step allowed 30 s gets what is left of the whole check's budget (3 s); no memory step starts after it."""
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(gpu_check, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(gpu_check, "LOGS", str(tmp_path / "runs" / "logs"))
+    monkeypatch.setattr(gpu_check, "BUDGET_S", 3)
+    monkeypatch.setattr(gpu_check, "steps", lambda out_dir: [
+        ("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 30, {})])
+    for name in ("PYTHONPATH", "PYTHONUNBUFFERED"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--results", str(tmp_path / "RESULTS.md")])
+    gpu_check.main()
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| slow | timed out |" in report and "timed out after 3 s" in report
+    assert f"| {gpu_check.MEMORY_N[0]} | not run (time budget) |" in report
+
+
 def alive(pid: int) -> bool:
     """Whether pid runs (a zombie, killed but not yet reaped by init, does not count)."""
     try:

@@ -33,6 +33,17 @@ def test_torchrun_command_single_and_multi_node():
     assert "--standalone" not in one_node_at_an_endpoint and "--rdzv-endpoint=head:29500" in one_node_at_an_endpoint
 
 
+def test_plan_packs_documents_of_doc_len_and_a_shorter_last_one(monkeypatch, capsys):
+    """--doc-len 300 at --seq 1000: documents 300, 300, 300, 100; --doc-len equal to --seq: one document."""
+    from longtrain.plan import planner
+    masks, search = [], planner.search
+    monkeypatch.setattr(planner, "search", lambda *args: masks.append(args[-1]) or search(*args))
+    for doc_len in (300, 1000):
+        assert cli(["plan", "--gpus", "2", "--seq", "1000", "--doc-len", str(doc_len), TINY]) == 0
+    assert [m.doc_lengths for m in masks] == [[300, 300, 300, 100], [1000]]
+    assert "--doc-len" not in capsys.readouterr().err
+
+
 def test_overrides_may_follow_the_options(capsys):
     assert cli(["launch", TINY, "--nproc", "2", "--dry-run", "train.steps=3", "run.stop_timeout=450"]) == 0
     assert "train.steps=3 run.stop_timeout=450" in capsys.readouterr().out

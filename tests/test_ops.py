@@ -304,6 +304,37 @@ def test_bad_inputs_name_the_value():
         linear_attention(q, q, q, log_decay=torch.zeros(1, 4, 9))
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         softmax_attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="window must be a positive integer, got 0"):
+        softmax_attention(q, q, q, window=0)
+    with pytest.raises(ValueError, match=r"initial_state shape \(1, 4, 4, 4\) != \(1, 4, 4, 8\)"):
+        linear_attention(q, q, torch.randn(1, 4, 8, 8), initial_state=torch.zeros(1, 4, 4, 4))
+
+
+def test_sigmoid_default_bias_counts_the_keys():
+    """bias = -log(Nk): 10 queries over 30 keys (a ring block) against the naive reference."""
+    q, k, v = rand(1, 2, 10, 8, seed=1), rand(1, 2, 30, 8, seed=2), rand(1, 2, 30, 8, seed=3)
+    torch.testing.assert_close(sigmoid_attention(q, k, v, causal=False), naive_sigmoid(q, k, v, causal=False),
+                               atol=1e-12, rtol=0)
+
+
+def test_linear_initial_state_with_wider_values():
+    """initial_state [B, H, Dk, Dv] with Dv = 2 Dk continues the recurrence it came from."""
+    q, k, v = rand(1, 2, 24, 4, seed=1), rand(1, 2, 24, 4, seed=2), rand(1, 2, 24, 8, seed=3)
+    g = -rand(1, 2, 24, 4, seed=4).abs()
+    want, _ = linear_attention_recurrent(q, k, v, scale=0.5, log_decay=g)
+    _, state = linear_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10], log_decay=g[:, :, :10], scale=0.5,
+                                output_final_state=True, chunk_size=4)
+    second, _ = linear_attention(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], log_decay=g[:, :, 10:], scale=0.5,
+                                 initial_state=state, chunk_size=4)
+    torch.testing.assert_close(second, want[:, :, 10:], atol=1e-12, rtol=0)
+
+
+def test_cuda_bias_rows_start_on_16_element_boundaries():
+    """The CUDA memory-efficient kernel needs attn_bias rows 16-aligned: built on CPU here, as it is on a GPU."""
+    mask = torch.rand(1, 1, 5, 20, generator=torch.Generator().manual_seed(0)) > 0.5
+    bias = sdpa.cuda_bias(mask, torch.zeros(2, 3, 5, 8), 20)
+    assert bias.shape == (2, 3, 5, 20) and bias.stride(-2) % 16 == 0
+    assert torch.equal(bias == 0, mask.expand(2, 3, 5, 20)) and torch.isneginf(bias[~mask.expand(2, 3, 5, 20)]).all()
 
 
 def test_auto_backend_path_per_op_and_device():

@@ -8,7 +8,7 @@ import torch
 from longtrain.parallel.spawn import run_distributed
 from longtrain.attention import sigmoid_attention, softmax_attention
 from longtrain.kernels import get_backend
-from longtrain.parallel import comm, shard_sequence, sp_softmax_attention, unshard_sequence
+from longtrain.parallel import SOFTMAX_SP, check_algorithm, comm, shard_sequence, sp_softmax_attention, unshard_sequence
 from longtrain.parallel.sharding import num_chunks
 from longtrain.parallel.ring import chunk_pairs, document_spans, ring_attention, sequence_spans
 
@@ -149,6 +149,16 @@ def test_usp_four_ranks_two_groups():
     run_distributed(worker_usp, 4)
 
 
+def worker_usp_three_groups(rank, world):
+    check_case(torch.distributed.group.WORLD, "usp", "zigzag", "softmax", True, None, True, 2, 2, torch.float64, 1e-10,
+               ulysses_size=2)
+
+
+def test_usp_six_ranks_three_ulysses_groups_of_two():
+    """P=6, U=2: Ulysses inside {0,1}, {2,3}, {4,5}, the ring across groups of 3 (at P=4 U=2 and P/U coincide)."""
+    run_distributed(worker_usp_three_groups, 6)
+
+
 def worker_ring_bytes(rank, world):
     B, Hkv, N, D = 2, 2, 64, 8
     q, k, v, dout, _, _ = make_inputs(B, 4, Hkv, N, D, torch.float32, False)
@@ -179,6 +189,13 @@ def worker_bad_input(rank, world):
 
 def test_bad_input_is_a_clear_error():
     run_distributed(worker_bad_input, 4)
+
+
+def test_algorithm_none_needs_an_sp_group_of_one():
+    for P in (2, 3):
+        with pytest.raises(ValueError, match=f"algorithm 'none' needs an SP group of size 1, got {P}"):
+            check_algorithm("none", SOFTMAX_SP, P)
+    check_algorithm("none", SOFTMAX_SP, 1)
 
 
 def worker_raises_on_one_rank(rank, world):

@@ -22,6 +22,7 @@ from longtrain.trainer.checkpoint import (CheckpointError, begin, commit, comple
                                           load_deepspeed_checkpoint)
 from longtrain.trainer.model import LM
 from longtrain.trainer.data import DataLoader
+from longtrain.trainer.metrics import peak_flops
 from longtrain.trainer.train import Trainer, lr_at, train
 
 pytestmark = pytest.mark.slow
@@ -79,6 +80,20 @@ def test_accumulated_step_logs_the_full_batch_loss_and_gradient_norm(tmp_path):
     assert record["train/loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert record["train/grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
     assert record["train/lr"] == pytest.approx(cfg.train.lr / cfg.train.warmup_steps)  # step 1 of the warmup
+
+
+def test_weight_decay_shrinks_matrices_only(tmp_path):
+    """With zero gradients AdamW's update is its decoupled decay alone: matrices (embedding included) scale by
+    1 - lr * weight_decay; norm weights and biases stay as they are."""
+    trainer = Trainer(small_config(tmp_path, "train.weight_decay=0.1"))
+    before = {name: p.detach().clone() for name, p in trainer.lm.named_parameters()}
+    for p in trainer.lm.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.engine.step(lr=0.5)
+    for name, p in trainer.lm.named_parameters():
+        want = before[name] * (1 - 0.5 * 0.1) if p.dim() >= 2 else before[name]
+        torch.testing.assert_close(p.detach(), want, atol=0, rtol=1e-6, msg=name)
+    assert any(p.dim() < 2 for p in trainer.lm.parameters()) and any(p.dim() >= 2 for p in trainer.lm.parameters())
 
 
 def test_evaluation_sees_the_same_batches_every_time(tmp_path):
@@ -224,6 +239,26 @@ def test_a_stop_between_micro_steps_drops_the_partial_step(tmp_path, monkeypatch
     assert Trainer(small_config(tmp_path, "train.steps=50")).loader.position == 2 * 3 * 4
 
 
+def worker_one_rank_signalled(rank, world, tmp):
+    """Only rank 1 gets the signal, in the second micro-step of step 3: both ranks drop that step and save step 2."""
+    trainer = Trainer(small_config(f"{tmp}/run", "train.steps=50", "train.grad_accum=3", "data.batch_size=2"))
+    real_forward, calls = trainer.forward_loss, []
+
+    def forward_then_signal(batch, accuracy=False):
+        calls.append(1)
+        if rank == 1 and len(calls) == 8:
+            trainer.signal_received = True
+        return real_forward(batch, accuracy)
+
+    trainer.forward_loss = forward_then_signal
+    trainer.fit()
+    return trainer.step, trainer.saved_step
+
+
+def test_a_signal_that_reaches_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    assert run_distributed(worker_one_rank_signalled, 2, str(tmp_path), timeout=120) == [(2, 2), (2, 2)]
+
+
 def test_every_run_ends_with_a_checkpoint_a_plot_and_where_the_outputs_are(tmp_path, capsys):
     train(small_config(tmp_path, "train.steps=3", "train.save_every=50", "train.eval_every=2"))
     assert os.listdir(tmp_path / "checkpoints") == ["step_00000003"]
@@ -314,6 +349,31 @@ def test_window_flops_count_the_keys_in_the_window():
     i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
     pairs = [(i >= j).sum().item(), ((i >= j) & (i - j < W)).sum().item()]
     assert term[1] / term[0] == pytest.approx(pairs[1] / pairs[0], rel=2e-3)
+    wide = LM(load_config(None, base[:-1] + ["model.window=4096", "model.pattern=window"]).model)
+    assert wide.flops_per_token(N) == causal.flops_per_token(N)  # a window wider than the sequence is causal
+
+
+def test_peak_flops_by_gpu_name(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("NVIDIA GeForce RTX 4090", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(cuda) == peak, name
+    assert peak_flops(torch.device("cpu")) is None
+
+
+def worker_mfu(rank, world, tmp):
+    import longtrain.trainer.train as train_module
+    train_module.peak_flops = lambda device: 1e9  # as a GPU of 1 GFLOP/s would report
+    trainer = Trainer(small_config(f"{tmp}/run", "train.grad_accum=2", "data.batch_size=3"))
+    out = trainer.train_step()
+    return out["mfu"], out["step_time_s"], trainer.flops_per_token
+
+
+def test_mfu_is_model_flops_over_the_peak_of_every_rank(tmp_path):
+    """2 data-parallel ranks x 2 micro-batches x 3 sequences of 32 tokens per step, each rank's peak 1 GFLOP/s."""
+    for mfu, seconds, flops_per_token in run_distributed(worker_mfu, 2, str(tmp_path)):
+        assert mfu == pytest.approx(flops_per_token * (2 * 2 * 3 * 32) / seconds / (2 * 1e9), rel=1e-6)
 
 
 SP_CASES = [("gla*3,softmax", "lasp2", "ring", "contiguous"), ("gla*3,softmax", "zeco", "allgather", "contiguous"),
