@@ -203,8 +203,9 @@ def validate(cfg: Config) -> None:
     choice(cfg.wandb.mode, ["offline", "online", "disabled"], "wandb.mode")
     if cfg.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {cfg.parallel.sp_size}")
-    if cfg.train.profile_step < 0:
-        raise ConfigError(f"train.profile_step must be >= 0 (0: no trace), got {cfg.train.profile_step}")
+    if not 0 <= cfg.train.profile_step <= cfg.train.steps:
+        raise ConfigError(f"train.profile_step must be in 0..train.steps={cfg.train.steps} (0: no trace), got "
+                          f"{cfg.train.profile_step}")
     if cfg.parallel.zeco_blocks is not None and cfg.parallel.zeco_blocks < 1:
         raise ConfigError(f"parallel.zeco_blocks must be >= 1 (or null: 4), got {cfg.parallel.zeco_blocks}")
     choice(cfg.run.resume, [True, False, "strict"], "run.resume")

@@ -47,6 +47,8 @@ def test_cross_field_errors():
     with pytest.raises(ConfigError, match="train.compile=true does not work with DeepSpeed ZeRO-3"):
         load_config(None, ["train.compile=true", "train.engine=deepspeed", "train.zero_stage=3"])
     load_config(None, ["train.compile=true", "train.engine=deepspeed", "train.zero_stage=2"])
+    with pytest.raises(ConfigError, match="train.profile_step must be in 0..train.steps=5 .0: no trace., got 6"):
+        load_config(None, ["train.steps=5", "train.profile_step=6"])
     for linear_sp in ("lasp1", "lasp2", "zeco", "ulysses"):  # every linear algorithm takes the zigzag layout
         load_config(None, ["parallel.sp_size=2", "parallel.layout=zigzag", f"parallel.linear_sp={linear_sp}"])
     with pytest.raises(ConfigError, match="model.layers has 2 entries"):

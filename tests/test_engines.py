@@ -22,16 +22,17 @@ BASE = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.patter
         "run.progress=false", "run.resume=false", "wandb.mode=disabled"]
 
 
-# (activation_checkpointing, checkpoint_mode, offload_activations) per engine; loss over chunks of 8 tokens
-MEMORY = {"fsdp": (True, "block", False), "ddp": (True, "mixer", True), "deepspeed": (True, "mixer", False)}
+# (activation_checkpointing, checkpoint_mode, offload_activations, compile) per engine; loss over chunks of 8 tokens
+MEMORY = {"fsdp": (True, "block", False, False), "ddp": (True, "mixer", True, True),
+          "deepspeed": (True, "mixer", False, False)}
 
 
 def config(run_dir, engine, sp, dp, zero_stage=2, plain=False, *extra):
     """The test model under `engine` at dp x sp; plain: today's full-logits loss, no recompute or offload."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ac, mode, offload = (False, "block", False) if plain else MEMORY[engine]
+    ac, mode, offload, compiled = (False, "block", False, False) if plain else MEMORY[engine]
     memory = [f"model.loss_chunk={0 if plain else 8}", f"model.activation_checkpointing={ac}",
-              f"model.checkpoint_mode={mode}", f"train.offload_activations={offload}"]
+              f"model.checkpoint_mode={mode}", f"train.offload_activations={offload}", f"train.compile={compiled}"]
     return load_config(None, BASE + memory + [f"run.dir={run_dir}", f"train.engine={engine}", f"parallel.sp_size={sp}",
                                               f"data.batch_size={MICRO * 2 // dp}", f"train.zero_stage={zero_stage}",
                                               *extra])
@@ -148,7 +149,8 @@ def test_fsdp_bf16_gathers_bf16_parameters(tmp_path):
 def test_fsdp_policy_reduces_bf16_gradients_in_fp32(monkeypatch):
     """Every fully_shard call (each block, then the root) asks for bf16 gathers and fp32 gradient reductions."""
     policies = []
-    monkeypatch.setattr(parallelize, "fully_shard", lambda module, mesh, mp_policy: policies.append(mp_policy) or module)
+    monkeypatch.setattr(parallelize, "fully_shard",
+                        lambda module, mesh, mp_policy: policies.append(mp_policy) or module)
     cfg = load_config(None, BASE)
     parallelize.wrap_fsdp(LM(cfg.model), None, bf16=True)
     assert len(policies) == cfg.model.n_layers + 1

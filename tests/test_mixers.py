@@ -69,7 +69,8 @@ def heads(x, weight, n_heads):
 def rotate(x, base):
     """RoPE as complex rotation: channel pair (i, i + D/2) of token n turns by n * base^(-2i/D)."""
     half = x.shape[-1] // 2
-    angle = torch.arange(x.shape[2], dtype=torch.float64)[:, None] * base ** (-2 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    frequencies = base ** (-2 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    angle = torch.arange(x.shape[2], dtype=torch.float64)[:, None] * frequencies
     z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle)
     return torch.cat([z.real, z.imag], -1)
 

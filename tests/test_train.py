@@ -1,5 +1,6 @@
 """End-to-end training on CPU: learning, bitwise resume, metrics, wandb offline, packing, SP exactness, resharding."""
 import glob
+import gzip
 import json
 import os
 import shutil
@@ -9,15 +10,14 @@ import struct
 import pytest
 import torch
 import torch.distributed as dist
-
-from longtrain.parallel import comm
-from longtrain.parallel.spawn import run_distributed
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch._dynamo.utils import counters
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext
 from longtrain.config import load_config
 from longtrain.launch.cli import main as cli
+from longtrain.parallel import comm
+from longtrain.parallel.spawn import run_distributed
 from longtrain.trainer.checkpoint import (CheckpointError, begin, commit, complete_checkpoints, load_checkpoint,
                                           load_deepspeed_checkpoint)
 from longtrain.trainer.model import LM
@@ -70,7 +70,7 @@ def test_accumulated_step_logs_the_full_batch_loss_and_gradient_norm(tmp_path):
     model = LM(cfg.model)
     loader = DataLoader(cfg.data)
     micro = [loader.next_batch() for _ in range(2)]
-    tokens, targets, mask = (torch.cat([getattr(b, name) for b in micro]) for name in ("tokens", "targets", "loss_mask"))
+    tokens, targets, mask = (torch.cat([getattr(b, key) for b in micro]) for key in ("tokens", "targets", "loss_mask"))
     N = tokens.shape[1]
     logits = model(tokens, AttnContext(torch.arange(N), N, None))
     losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
@@ -178,10 +178,10 @@ def test_a_failed_run_leaves_the_process_group_to_process_exit(tmp_path, monkeyp
 def test_profile_step_writes_a_trace_of_that_step_only(tmp_path, capsys):
     train(small_config(tmp_path, "train.steps=3", "train.profile_step=2"))
     assert os.listdir(tmp_path / "profile") == ["step_00000002"]
-    trace = json.load(open(tmp_path / "profile" / "step_00000002" / "rank0.json"))
+    trace = json.load(gzip.open(tmp_path / "profile" / "step_00000002" / "rank0.json.gz"))
     names = {event.get("name") for event in trace["traceEvents"]}
     assert {"aten::mm", "Optimizer.step#AdamW.step"} <= names  # forward, backward and the optimizer step
-    assert "trace of step 2" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("trace of step 2") == 1
 
 
 def test_keep_last_k(tmp_path):
@@ -440,6 +440,7 @@ def test_compiled_blocks_match_eager(tmp_path):
     grads = {}
     for compiled in (False, True):
         trainer = Trainer(small_config(tmp_path / str(compiled), f"train.compile={compiled}"))
+        torch._dynamo.reset()  # an earlier compile in this process would otherwise serve this one from its cache
         counters.clear()
         loss, count, _ = trainer.forward_loss(trainer.loader.next_batch())
         trainer.engine.backward(loss, count.item(), last_micro=True)
@@ -454,8 +455,10 @@ def worker_compiled_sp(rank, world, tmp):
     extra = ["data.source=text", f"data.path={tmp}/docs", "model.pattern=gla,softmax", "model.vocab_size=257",
              "train.compile=true", "model.activation_checkpointing=true", f"parallel.sp_size={world}"]
     trainer = Trainer(small_config(f"{tmp}/sp{rank}", *extra))  # FSDP2 over the SP ranks, recompute of compiled code
+    torch._dynamo.reset()
+    counters.clear()
     sp_step_matches_single_device(trainer, trainer.loader.next_batch(), 32, "compiled")
-    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["stats"]["unique_graphs"] == 1  # both blocks, forward and recompute: one graph
 
 
 def test_compiled_blocks_under_fsdp_and_sp_match_single_device(tmp_path):

@@ -44,7 +44,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def parallelize(model: nn.Module, mesh: Mesh, cfg, device: torch.device, bf16: bool) -> nn.Module:
     """Checkpointing (model.activation_checkpointing, model.checkpoint_mode), offload (train.offload_activations),
-    compile (train.compile), then FSDP2 or DDP over all dp x sp ranks; DeepSpeed's engine is built afterwards by build_engine."""
+    compile (train.compile), then FSDP2 or DDP over all dp x sp ranks; build_engine builds DeepSpeed's engine."""
     if cfg.model.activation_checkpointing:
         apply_checkpointing(model, cfg.model.checkpoint_mode)
     if cfg.train.offload_activations and not (cfg.model.activation_checkpointing and
@@ -77,8 +77,8 @@ def apply_offload(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block's norm + MLP (one fused graph per block, as torchtitan compiles blocks). The mixers
-    stay eager: their SP communication and Triton kernels are outside what dynamo traces in one graph."""
+    """torch.compile each block's norm + MLP, one graph that every block reuses (torchtitan compiles whole blocks).
+    The mixers stay eager: their SP communication and Triton kernels are outside what dynamo traces in one graph."""
     for block in model.blocks:
         block.feed_forward = torch.compile(block.feed_forward, fullgraph=True)
 

@@ -7,14 +7,15 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def trace_path(run_dir: str, step: int, rank: int) -> str:
-    return os.path.join(run_dir, "profile", f"step_{step:08d}", f"rank{rank}.json")
+    """Where rank `rank` writes its trace of `step`: gzipped Chrome trace JSON, which Perfetto opens as it is."""
+    return os.path.join(run_dir, "profile", f"step_{step:08d}", f"rank{rank}.json.gz")
 
 
 @contextmanager
 def traced(path: str, device: torch.device):
-    """Record CPU (and CUDA) activity of the body into a Chrome trace at `path` (open it in Perfetto)."""
+    """Record CPU (and CUDA) activity of the body, with operator shapes, into a Chrome trace at `path`."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         yield
     os.makedirs(os.path.dirname(path), exist_ok=True)
     prof.export_chrome_trace(path)

@@ -224,11 +224,13 @@ class Trainer:
         if self.step >= t.steps and self.rank0:
             print(f"nothing to train: {self.saved_path} is at step {self.step}, train.steps={t.steps}")
         while self.step < t.steps:
+            tracing = self.step + 1 == t.profile_step
             with maybe_traced(self.cfg.run.dir, self.step + 1, t.profile_step, self.rank, self.device):
                 out = self.train_step()
-            if self.step == t.profile_step and self.rank0:
-                print(f"trace of step {self.step}: {os.path.dirname(trace_path(self.cfg.run.dir, self.step, 0))}/ "
-                      f"(a Chrome trace per rank, for https://ui.perfetto.dev)")
+            if tracing and self.rank0:
+                where = os.path.dirname(trace_path(self.cfg.run.dir, t.profile_step, 0))
+                print(f"trace of step {t.profile_step}{' (cut by the stop)' if self.stop_requested else ''}: "
+                      f"{where}/ (a Chrome trace per rank, for https://ui.perfetto.dev)")
             if self.stop_requested:
                 break
             last = out
