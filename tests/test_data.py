@@ -19,6 +19,9 @@ def test_mqar_answers_are_where_the_mask_says():
     for t in np.flatnonzero(mask):
         assert lookup[int(inputs[t])] == targets[t]  # the target is the value bound to the queried key
     assert not mask[:12].any()
+    for seed in range(5):  # every key id but 0 (padding) when all of [1, vocab/2) are drawn
+        tokens, _ = mqar_sample(np.random.default_rng(seed), 64, 19, 40)
+        assert sorted(tokens[0:38:2].tolist()) == list(range(1, 20))
 
 
 def test_passkey_answer_is_the_hidden_key():
@@ -115,3 +118,18 @@ def test_local_tokenizer_json_is_used_for_text(tmp_path):
     out = tmp_path / "data.bin"
     assert cli(["prepare", str(docs), str(out), "--tokenizer", str(tmp_path / "tokenizer.json"), "--eos-id", "5"]) == 0
     assert np.fromfile(out, dtype=np.uint16).tolist() == [1, 2, 1, 5, 3, 4, 0, 5]
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(65536, np.uint16), (65537, np.uint32)])
+def test_prepare_writes_the_narrowest_dtype_that_holds_every_id(tmp_path, vocab_size, dtype):
+    """Ids 0..65535 fit uint16 (the default data.bin_dtype); one id more needs uint32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text(f"w1 w{vocab_size - 1}")
+    out = tmp_path / "data.bin"
+    assert cli(["prepare", str(tmp_path / "a.txt"), str(out), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                "--eos-id", "0"]) == 0
+    assert np.fromfile(out, dtype=dtype).tolist() == [1, vocab_size - 1, 0]

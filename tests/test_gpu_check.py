@@ -21,12 +21,23 @@ def load_gpu_check():
     return module
 
 
-def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, monkeypatch):
+def fake_gpu_check(tmp_path, monkeypatch):
+    """gpu_check on a fake GPU, with its runs, $OUT and RESULTS.md under tmp_path; main sets PYTHONPATH and
+    PYTHONUNBUFFERED for its steps, restored after the test."""
     gpu_check = load_gpu_check()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
     monkeypatch.setattr(gpu_check, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(gpu_check, "LOGS", str(tmp_path / "runs" / "logs"))
+    for name in ("PYTHONPATH", "PYTHONUNBUFFERED"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--results", str(tmp_path / "RESULTS.md")])
+    return gpu_check
+
+
+def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, monkeypatch):
+    gpu_check = fake_gpu_check(tmp_path, monkeypatch)
     py = sys.executable
     monkeypatch.setattr(gpu_check, "MEMORY_N", [2048, 4096, 8192])  # fits, does not fit, not tried
 
@@ -45,10 +56,6 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
                                         "flush=True); time.sleep(60)"], 3, {}),
         ("fails", [py, "-c", "import os, sys; print('boom', os.environ['STEP_ENV']); sys.exit(3)"], 30,
          {"STEP_ENV": "seen"})])
-    for name in ("PYTHONPATH", "PYTHONUNBUFFERED"):  # main sets them for its steps; restored after the test
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--results", str(tmp_path / "RESULTS.md")])
     gpu_check.main()
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert (tmp_path / "RESULTS.md").read_text() == report
@@ -72,18 +79,10 @@ def test_every_step_is_reported_and_a_cut_step_keeps_what_it_printed(tmp_path, m
 
 def test_the_time_budget_cuts_a_step_with_a_longer_limit(tmp_path, monkeypatch):
     """A step allowed 30 s gets what is left of the whole check's budget (3 s); no memory step starts after it."""
-    gpu_check = load_gpu_check()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
-    monkeypatch.setattr(gpu_check, "RUNS", str(tmp_path / "runs"))
-    monkeypatch.setattr(gpu_check, "LOGS", str(tmp_path / "runs" / "logs"))
+    gpu_check = fake_gpu_check(tmp_path, monkeypatch)
     monkeypatch.setattr(gpu_check, "BUDGET_S", 3)
     monkeypatch.setattr(gpu_check, "steps", lambda out_dir: [
         ("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 30, {})])
-    for name in ("PYTHONPATH", "PYTHONUNBUFFERED"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--results", str(tmp_path / "RESULTS.md")])
     gpu_check.main()
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| slow | timed out |" in report and "timed out after 3 s" in report

@@ -256,6 +256,9 @@ def test_slurm_script_resources_stop_budget_and_absolute_run_dir(tmp_path, monke
     assert cli(args) == 0
     script = next((tmp_path / "out").glob("*.sbatch")).read_text()
     assert "#SBATCH --exclusive" in script and "#SBATCH --cpus-per-task" not in script
+    # one torchrun per node, which starts a worker per GPU and meets the other nodes' torchruns
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "--nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node=4" in script
     assert "#SBATCH --signal=B:USR1@260" in script and "--shutdown-timeout=200" in script
     assert f"run.dir={tmp_path}/runs/x" in script
     for old in (tmp_path / "out").glob("*.sbatch"):

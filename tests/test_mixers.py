@@ -95,14 +95,17 @@ def softmax_family_spec(mixer, x, name):
     return out.reshape(B, N, -1) @ mixer.wo.weight.T
 
 
-def linear_family_spec(mixer, x, name):
+FEATURE_MAPS = {"elu": lambda t: torch.nn.functional.elu(t) + 1, "silu": torch.nn.functional.silu,
+                "relu": torch.relu, "identity": lambda t: t}
+
+
+def linear_family_spec(mixer, x, name, feature_map=None):
     """Token by token: S_t = a_t S_{t-1} + k_t^T v_t, o_t = q_t S_t / sqrt(D); per-head RMS norm, gate, W_o."""
     B, N, _ = x.shape
     H = mixer.n_heads
     q, k, v = heads(x, mixer.wqkv.weight, 3 * H).chunk(3, 1)  # [B, H, N, D]
     D = q.shape[-1]
-    phi = {"linear": lambda t: torch.nn.functional.elu(t) + 1, "lightning": torch.nn.functional.silu}.get(
-        name, lambda t: t)
+    phi = FEATURE_MAPS[feature_map or {"linear": "elu", "lightning": "silu"}.get(name, "identity")]
     q, k = phi(q), phi(k)
     h = torch.arange(H, dtype=torch.float64)[None, :, None, None]
     decay = torch.ones(B, H, N, D, dtype=torch.float64)
@@ -138,3 +141,13 @@ def test_mixer_matches_its_published_equations(name):
     x = torch.randn(2, 20, 32, dtype=torch.float64)
     spec = softmax_family_spec if name in SOFTMAX_FAMILY else linear_family_spec
     torch.testing.assert_close(mixer(x, AttnContext.single(20)), spec(mixer, x, name), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("feature_map", list(FEATURE_MAPS))
+def test_linear_attention_with_each_feature_map_matches_its_equations(feature_map):
+    torch.manual_seed(0)
+    opts = MixerOptions(n_kv_heads=2, window=6, chunk_size=8, feature_map=feature_map)
+    mixer = build_mixer("linear", 32, 4, opts).double()
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    torch.testing.assert_close(mixer(x, AttnContext.single(20)), linear_family_spec(mixer, x, "linear", feature_map),
+                               atol=1e-10, rtol=0)

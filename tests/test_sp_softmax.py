@@ -181,6 +181,8 @@ def worker_bad_input(rank, world):
     q = torch.randn(1, 2, 10, 4)
     with pytest.raises(ValueError, match="N=10"):
         shard_sequence(q, 2, group, "zigzag")
+    with pytest.raises(ValueError, match="N=12 is not divisible by 8"):  # P divides 12, but zigzag cuts 2P chunks
+        shard_sequence(torch.randn(1, 2, 12, 4), 2, group, "zigzag")
     with pytest.raises(ValueError, match="unknown SP algorithm 'rng'"):
         sp_softmax_attention(q, q, q, group=group, algorithm="rng")
     with pytest.raises(ValueError, match="divisible"):

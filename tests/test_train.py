@@ -272,6 +272,20 @@ def test_every_run_ends_with_a_checkpoint_a_plot_and_where_the_outputs_are(tmp_p
     assert cli(["plot", str(tmp_path / "checkpoints")]) == 2
 
 
+def test_plot_draws_each_metric_against_its_steps(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    records = [{"step": 1, "train/loss": 3.0, "train/tokens_per_s": 10.0, "train/peak_mem_gb": 1.0},
+               {"step": 2, "eval/accuracy": 0.5},
+               {"step": 3, "train/loss": 2.0, "train/tokens_per_s": 12.0, "train/peak_mem_gb": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert cli(["plot", str(tmp_path)]) == 0
+    panels = {ax.get_title(): [line.get_xydata().tolist() for line in ax.get_lines()] for ax in figures[0].axes}
+    assert panels == {"train loss": [[[1, 3.0], [3, 2.0]]], "eval accuracy": [[[2, 0.5]]],
+                      "tokens/s": [[[1, 10.0], [3, 12.0]]], "peak memory (GB)": [[[1, 1.0], [3, 1.5]]]}
+
+
 def test_save_last_false_writes_no_checkpoint(tmp_path, capsys):
     """Benchmark runs (gpu_check) skip the final save: nothing under checkpoints/, and the last line says so."""
     train(small_config(tmp_path, "train.steps=2", "train.save_last=false"))

@@ -55,13 +55,15 @@ def test_flash_attention_matches_reference(case, head_dim):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=f"d{name}")
 
 
-@pytest.mark.parametrize("q_start, head_dim", [(0, 32), (40, 32), (0, 96)])
-def test_flash_attention_wide_window_has_unmasked_interior_tiles(q_start, head_dim):
-    """N=256, window 150: tiles inside both the causal and the window edge take the unmasked path.
-    head_dim 96 runs in a 128-wide tile with the extra columns masked."""
+@pytest.mark.parametrize("q_start, head_dim, window", [(0, 32, 150), (40, 32, 150), (0, 96, 150), (0, 32, 127),
+                                                       (0, 32, 130)])
+def test_flash_attention_wide_window_has_unmasked_interior_tiles(q_start, head_dim, window):
+    """N=256, windows wider than a tile: tiles inside both the causal and the window edge take the unmasked path
+    (127 and 130: edges one short of and two past a 64-tile boundary). head_dim 96 runs in a 128-wide tile with
+    the extra columns masked."""
     q = rand(1, 1, 256, head_dim, seed=1)
     k, v = rand(1, 1, 256 + q_start, head_dim, seed=2), rand(1, 1, 256 + q_start, head_dim, seed=3)
-    opts = dict(scale=0.2, causal=True, window=150, q_start=q_start)
+    opts = dict(scale=0.2, causal=True, window=window, q_start=q_start)
     out, lse = flash.attention_forward(q, k, v, **opts)
     ref_out, ref_lse = reference.attention_forward(q, k, v, **opts)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
@@ -199,8 +201,9 @@ def assert_linear_backends_agree(q, k, v, log_decay, s0, seg, out_atol: float, g
 @pytest.mark.parametrize("decay", ["none", "scalar", "channel", "strong"])
 @pytest.mark.parametrize("with_docs", [False, True])
 def test_linear_kernel_matches_reference(decay, with_docs):
-    """Three chunks of 64 (the last one partial), so state passing and tile pairs are both exercised."""
-    B, H, N, D = 2, 1, 150, 32
+    """Three chunks of 64 (the last one partial), so state passing and tile pairs are both exercised; two heads,
+    so a per-(batch, head) offset cannot pass as a per-batch one."""
+    B, H, N, D = 2, 2, 150, 32
     q, k, v = (rand(B, H, N, D, seed=s) for s in range(3))
     g = {"none": None, "scalar": -rand(B, H, N, seed=5).abs(), "channel": -rand(B, H, N, D, seed=6).abs(),
          "strong": torch.full((B, H, N, D), -20.0, device=DEVICE)}[decay]
