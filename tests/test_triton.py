@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from longtrain.attention import linear_attention, softmax_attention
-from longtrain.kernels import get_backend, reference
+from longtrain.kernels import get_backend, linear_attn, reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -328,11 +328,15 @@ def worker_sp_on_triton(rank, world):
     sm_grads = torch.autograd.grad(out.sum(), local)
     torch.testing.assert_close(out, shard_sequence(ref_out.detach(), 2, group, "zigzag"), atol=2e-5, rtol=1e-5)
     lin_ref = [torch.autograd.grad(ref_lin.sum(), t, retain_graph=True)[0] for t in (q, k, v, g)]
+    backward_calls, fused_backward = [], linear_attn.chunk_backward
+    linear_attn.chunk_backward = lambda *args: backward_calls.append(1) or fused_backward(*args)
     for algorithm in ("zeco", "lasp2"):
         local = [shard_sequence(t.detach(), 2, group).requires_grad_() for t in (q, k, v, g)]
         lin = sp_linear_attention(*local[:3], group=group, algorithm=algorithm, log_decay=local[3], backend="triton",
                                   segment_ids=shard_sequence(seg, 1, group))
+        backward_calls.clear()
         lin_grads = torch.autograd.grad(lin.sum(), local)
+        assert len(backward_calls) == 1, algorithm  # one fused backward for the output and the final state
         torch.testing.assert_close(lin, shard_sequence(ref_lin.detach(), 2, group), atol=2e-5, rtol=1e-5)
         for got, want in zip(lin_grads, lin_ref):
             torch.testing.assert_close(got, shard_sequence(want, 2, group), atol=2e-5, rtol=1e-5)
