@@ -22,7 +22,7 @@ from longtrain.trainer.metrics import MetricsLogger, peak_flops, peak_memory_byt
 from longtrain.trainer.model import LM
 from longtrain.trainer.parallelize import build_engine
 from longtrain.trainer.plot import plot_run
-from longtrain.trainer.profile import maybe_traced, trace_path
+from longtrain.trainer.profile import trace_dir, traced
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # each saves a checkpoint and stops
@@ -225,12 +225,12 @@ class Trainer:
             print(f"nothing to train: {self.saved_path} is at step {self.step}, train.steps={t.steps}")
         while self.step < t.steps:
             tracing = self.step + 1 == t.profile_step
-            with maybe_traced(self.cfg.run.dir, self.step + 1, t.profile_step, self.rank, self.device):
+            with traced(self.cfg.run.dir, t.profile_step, self.rank, self.device) if tracing else nullcontext():
                 out = self.train_step()
             if tracing and self.rank0:
-                where = os.path.dirname(trace_path(self.cfg.run.dir, t.profile_step, 0))
                 print(f"trace of step {t.profile_step}{' (cut by the stop)' if self.stop_requested else ''}: "
-                      f"{where}/ (a Chrome trace per rank, for https://ui.perfetto.dev)")
+                      f"{trace_dir(self.cfg.run.dir, t.profile_step)}/ (a Chrome trace per rank, for "
+                      f"https://ui.perfetto.dev)")
             if self.stop_requested:
                 break
             last = out
