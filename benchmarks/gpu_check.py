@@ -1,12 +1,15 @@
 """The GPU check (`make gpu-check`, under 8 minutes on one H100/H200): runs, measures, appends to RESULTS.md.
 
 1. tests/test_triton.py compiled on the GPU (bf16 tests and the torch backend's CUDA operators included), one
-   flash tile config (LONGTRAIN_TRITON_AUTOTUNE=0) and 8 pytest-xdist workers, as compiling is most of it
-2. benchmarks/kernels.py: Triton vs SDPA flash, and vs fla's chunk_gla when installed; rows print as measured
-3. benchmarks/ops.py: every op vs SDPA causal, bf16
+   flash tile config (LONGTRAIN_TRITON_AUTOTUNE=0) and 16 pytest-xdist workers, as compiling is most of it
+   (about 190 s on an H100 with 14)
+2. benchmarks/kernels.py at D=64 (the config's head dim): Triton vs SDPA flash, and vs fla's chunk_gla when
+   installed; rows print as measured
+3. benchmarks/ops.py: every op vs SDPA causal, bf16, through `auto`; then the softmax ops on the torch path
+   (PyTorch's fused operators): with step 2 the data behind `auto`'s CUDA choice per op
 4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory
-5. peak memory of one training step at N = 32k, 64k, 128k, ... up to the first N that does not fit, beside
-   trainer.memory_model's estimate
+5. peak memory of one training step at N = 128k, 256k, ... up to the first N that does not fit (or the time
+   left), beside trainer.memory_model's estimate (step 4 gives N = 32k)
 
 Each step is a subprocess under the time left; a failed or cut step is reported with what it printed and the
 rest still run. It runs on the GPU machine's own python3 (its torch and Triton), with no venv and no network:
@@ -41,8 +44,9 @@ RUNS = "runs/gpu_check"  # training run dirs, removed first: a leftover one woul
 LOGS = os.path.join(RUNS, "logs")  # one file per step; out_dir gets them as one logs.tar.gz
 CONFIG = "configs/h100_hybrid_32k.yaml"
 PROFILE = "h100-nvlink-ib"  # the cost model's hardware profile the measurements are set beside
+SOFTMAX_OPS = ["sdpa causal", "causal", "docs 512", "window 512"]
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.save_last=false", "train.eval_every=0"]
-MEMORY_N = [32768, 65536, 131072, 262144, 524288, 1048576]  # until one does not fit (or the time is up)
+MEMORY_N = [131072, 262144, 524288, 1048576]  # until one does not fit (or the time is up)
 
 
 def train_cmd(run_dir: str, *overrides: str) -> list[str]:
@@ -58,13 +62,16 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
     xdist = any("pytest_xdist" in w for w in wheels) or importlib.util.find_spec("xdist") is not None
     one_config = {"LONGTRAIN_TRITON_AUTOTUNE": "0"}
     return ([("carried wheels", install, 60, {})] if wheels else []) + [
-        ("triton tests (compiled)", [PY, "-m", "pytest", "-q", *(["-n", "8"] if xdist else []), "tests/test_triton.py"],
-         150, one_config),
-        ("benchmarks/kernels.py", [PY, "benchmarks/kernels.py", "--n", "8192", "32768", "--d", "64", "128",
-                                   "--out", os.path.join(out_dir, "kernels_gpu.png")], 120, {}),
+        ("triton tests (compiled)", [PY, "-m", "pytest", "-q", "--durations=10", *(["-n", "16"] if xdist else []),
+                                     "tests/test_triton.py"], 190, one_config),
+        ("benchmarks/kernels.py", [PY, "benchmarks/kernels.py", "--n", "8192", "32768", "--d", "64",
+                                   "--out", os.path.join(out_dir, "kernels_gpu.png")], 80, {}),
         ("benchmarks/ops.py", [PY, "benchmarks/ops.py", "--n", "4096", "8192", "16384", "--linear-n", "65536",
-                               "--out", os.path.join(out_dir, "ops_gpu.png")], 60, {}),
-        ("train 30 steps, N=32k", train_cmd(f"{RUNS}/train", "train.steps=30", "train.log_every=10"), 120, {}),
+                               "--out", os.path.join(out_dir, "ops_gpu.png")], 30, {}),
+        ("benchmarks/ops.py, softmax on the torch path",
+         [PY, "benchmarks/ops.py", "--n", "8192", "16384", "--linear-n", "--backend", "torch", "--ops", *SOFTMAX_OPS,
+          "--out", os.path.join(out_dir, "ops_torch_gpu.png")], 30, {}),
+        ("train 30 steps, N=32k", train_cmd(f"{RUNS}/train", "train.steps=30", "train.log_every=10"), 90, {}),
     ]
 
 
@@ -206,6 +213,14 @@ def main() -> None:
     print(text)
 
 
+def triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
 def section(report: list[str], details: list[str], memory: list[str], seconds: float, done: bool) -> str:
     """The dated RESULTS.md section of the steps run so far."""
     m, cost = last_metrics(f"{RUNS}/train"), predicted("train.steps=30")
@@ -216,7 +231,8 @@ def section(report: list[str], details: list[str], memory: list[str], seconds: f
                   f"peak memory {cost.memory['total'] / 2 ** 30:.1f} GiB")
     return "\n".join([
         f"\n## GPU check on {torch.cuda.get_device_name()}, {datetime.date.today()}\n",
-        f"`make gpu-check`: torch {torch.__version__}, {seconds:.0f} s in all{'' if done else ' (still running)'}.\n",
+        f"`make gpu-check`: torch {torch.__version__}, triton {triton_version()}, {seconds:.0f} s in all"
+        f"{'' if done else ' (still running)'}.\n",
         "| step | result | s |", "|---|---|---|", *report, "",
         f"Training, {CONFIG}, 30 steps at N=32k: {train}.\n",
         "Peak memory of one training step (grad_accum 1), GiB, and the memory model's estimate:\n",

@@ -151,3 +151,20 @@ def test_linear_attention_with_each_feature_map_matches_its_equations(feature_ma
     x = torch.randn(2, 20, 32, dtype=torch.float64)
     torch.testing.assert_close(mixer(x, AttnContext.single(20)), linear_family_spec(mixer, x, "linear", feature_map),
                                atol=1e-10, rtol=0)
+
+
+def test_bf16_autocast_reaches_fused_kernels():
+    """Under bf16 autocast no mixer hands PyTorch's RMSNorm a bf16 input with an fp32 weight (its unfused
+    fallback, warned once per process: hence a fresh one)."""
+    import subprocess
+    import sys
+
+    script = ("import torch\n"
+              "from longtrain.attention import MIXERS, AttnContext, MixerOptions, build_mixer\n"
+              "for name in MIXERS:\n"
+              "    mixer = build_mixer(name, 32, 4, MixerOptions(n_kv_heads=2, window=6, chunk_size=8))\n"
+              "    with torch.autocast('cpu', torch.bfloat16):\n"
+              "        mixer(torch.randn(2, 20, 32), AttnContext.single(20)).float().sum().backward()\n")
+    run = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Mismatch dtype" not in run.stderr, run.stderr

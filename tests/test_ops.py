@@ -337,22 +337,52 @@ def test_cuda_bias_rows_start_on_16_element_boundaries():
     assert torch.equal(bias == 0, mask.expand(2, 3, 5, 20)) and torch.isneginf(bias[~mask.expand(2, 3, 5, 20)]).all()
 
 
-def test_auto_backend_path_per_op_and_device():
-    """auto: CPU runs the torch path; CUDA runs softmax on the torch (fused SDPA) path, linear ops on Triton."""
+def test_auto_backend_path_per_op_and_device(monkeypatch):
+    """auto: CPU runs the torch path; CUDA runs Triton, except softmax attention the flash kernel does not take
+    (float64, head dim over 256 or unequal for q and v): that runs the torch path's tile loop."""
+    import importlib.util
+    from types import SimpleNamespace
+
     from longtrain.config import KernelsConfig
-    from longtrain.kernels import OPS, auto_choice, triton_backend
+    from longtrain.kernels import OPS, SOFTMAX_OPS, auto_choice, triton_backend
+
+    def tensor(device, dtype=torch.bfloat16, head_dim=64):  # what auto_choice reads; no GPU needed
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 2, 8, head_dim))
 
     assert KernelsConfig().backend == "auto"
     for op in OPS:
-        assert auto_choice(op, torch.device("cpu")) is reference
-        want = reference if op in ("attention_forward", "attention_backward") else triton_backend
-        assert auto_choice(op, torch.device("cuda")) is want, op
+        assert auto_choice(op, tensor("cpu"), tensor("cpu")) is reference
+        assert auto_choice(op, tensor("cuda"), tensor("cuda")) is triton_backend, op
+    for q, v in ((tensor("cuda", torch.float64), tensor("cuda", torch.float64)),
+                 (tensor("cuda", head_dim=320), tensor("cuda", head_dim=320)),
+                 (tensor("cuda"), tensor("cuda", head_dim=32))):
+        for op in OPS:
+            assert auto_choice(op, q, v) is (reference if op in SOFTMAX_OPS else triton_backend), (op, q)
+    assert auto_choice("attention_forward", tensor("cuda", torch.float32), tensor("cuda", torch.float32)) \
+        is triton_backend
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a CUDA torch without Triton
+    assert auto_choice("linear_attention_chunked", tensor("cuda"), None) is reference
     q, k, v, g = (t.float() for t in linear_inputs("channel"))
     runs = [lambda backend: softmax_attention(q, k, v, window=9, backend=backend),
             lambda backend: linear_attention(q, k, v, log_decay=g, output_final_state=True, backend=backend)]
     for run in runs:
         for got, want in zip(run("auto"), run("torch")):
             assert torch.equal(got, want)
+
+
+def test_auto_dispatches_on_q_and_v(monkeypatch):
+    """auto chooses by q and v: attention_forward's args 0 and 2, attention_backward's 1 and 3 (not dout)."""
+    from longtrain import kernels
+
+    seen = []
+    monkeypatch.setattr(kernels, "auto_choice", lambda op, q, v: seen.append((op, q, v)) or reference)
+    q, k, v, dout = (torch.randn(1, 2, 8, 4) for _ in range(4))
+    out, lse = kernels.AUTO.attention_forward(q, k, v, scale=0.5)
+    kernels.AUTO.attention_backward(dout, q, k, v, out, lse, scale=0.5)
+    kernels.AUTO.linear_attention_chunked(q, k, v, scale=0.5)
+    assert [(op, a is q, b is v) for op, a, b in seen[:2]] == [("attention_forward", True, True),
+                                                                ("attention_backward", True, True)]
+    assert seen[2][0] == "linear_attention_chunked" and seen[2][1] is q and seen[2][2] is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -61,7 +61,10 @@ class LinearAttention(nn.Module):
         else:
             out, _ = linear_attention(q, k, v, log_decay=log_decay, segment_ids=ctx.segment_ids,
                                       chunk_size=self.chunk_size, backend=ctx.backend)
-        out = self.gate(self.out_norm(out.transpose(1, 2)), x)  # [B, N, H, D]
+        out = out.transpose(1, 2)  # [B, N, H, D]
+        # the norm's weight in out's dtype: bf16 under autocast otherwise misses PyTorch's fused RMSNorm kernel
+        out = F.rms_norm(out, self.out_norm.normalized_shape, self.out_norm.weight.to(out.dtype), self.out_norm.eps)
+        out = self.gate(out, x)
         return self.wo(out.reshape(B, N, -1))
 
 

@@ -1,14 +1,19 @@
 """Attention kernels: the torch path and Triton kernels with the same signatures; `auto` picks per device.
 
-`auto` (the default): on CPU the torch path for every op; on CUDA the Triton kernels for linear
-attention and its SP steps, and the torch path for softmax attention (PyTorch's fused flash /
-memory-efficient operators). This CUDA split is a choice, not yet a measurement: no GPU has run
-`make gpu-check` on this code; revisit it with that check's numbers.
+`auto` (the default): on CPU the torch path for every op; on CUDA the Triton kernels for every op, as
+measured by `make gpu-check` on an H100 (2026-11-27, benchmarks/RESULTS.md): Triton flash attention took
+0.87-0.95x the time of SDPA's flash kernel (causal, bf16, forward+backward, N 8k-32k, D 64/128), and
+against the torch path (PyTorch's fused operators on visible blocks) 0.60x causal, 0.29x with 16 packed
+documents and 0.07x with a 512 window (N=8192); the linear ops' torch path was not timed there. Softmax
+attention that the flash kernel does not take (float64, head dims over 256 or unequal for q and v) runs the
+torch path, and so does every op where Triton is not installed.
 """
+import importlib.util
 import os
 from types import ModuleType, SimpleNamespace
 
 import torch
+from torch import Tensor
 
 from longtrain.kernels import reference
 from longtrain.kernels.local import local_attention
@@ -19,18 +24,23 @@ OPS = ("attention_forward", "attention_backward", "linear_attention_chunked", "s
 SOFTMAX_OPS = ("attention_forward", "attention_backward")
 
 
-def auto_choice(op: str, device: torch.device) -> ModuleType:
-    """The module `auto` runs `op` with for inputs on `device`."""
-    if device.type != "cuda" or op in SOFTMAX_OPS:
+def auto_choice(op: str, q: Tensor, v: Tensor | None = None) -> ModuleType:
+    """The module `auto` runs `op` with, for its first input q (and v, softmax attention's values)."""
+    if q.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return reference
+    if op in SOFTMAX_OPS and (q.dtype == torch.float64 or q.shape[-1] > 256 or v.shape[-1] != q.shape[-1]):
         return reference
     from longtrain.kernels import triton_backend
     return triton_backend
 
 
 def auto_op(op: str):
-    """`op` dispatched by the device of its first tensor argument."""
+    """`op` dispatched by its inputs: q, v are attention_forward's args 0, 2 and attention_backward's 1, 3."""
+    first = 1 if op == "attention_backward" else 0
+
     def run(*args, **kwargs):
-        return getattr(auto_choice(op, args[0].device), op)(*args, **kwargs)
+        q, v = args[first], args[first + 2] if op in SOFTMAX_OPS else None
+        return getattr(auto_choice(op, q, v), op)(*args, **kwargs)
     return run
 
 
