@@ -7,7 +7,8 @@
    installed; rows print as measured
 3. benchmarks/ops.py: every op vs SDPA causal, bf16, through `auto`; then the softmax ops on the torch path
    (PyTorch's fused operators): with step 2 the data behind `auto`'s CUDA choice per op
-4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory
+4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory; step 25 traced by
+   torch.profiler, its GPU time by kernel in the report (the logged step 30 is not traced)
 5. peak memory of one training step at N = 128k, 256k, ... up to the first N that does not fit (or the time
    left), beside trainer.memory_model's estimate (step 4 gives N = 32k)
 
@@ -22,8 +23,10 @@ files, even from a run cut by its time limit), else to runs/gpu_check/out.
     python3 benchmarks/gpu_check.py --dry-run   # print the commands (any machine)
 """
 import argparse
+import collections
 import datetime
 import glob
+import gzip
 import importlib.util
 import json
 import os
@@ -71,7 +74,8 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
         ("benchmarks/ops.py, softmax on the torch path",
          [PY, "benchmarks/ops.py", "--n", "8192", "16384", "--linear-n", "--backend", "torch", "--ops", *SOFTMAX_OPS,
           "--out", os.path.join(out_dir, "ops_torch_gpu.png")], 30, {}),
-        ("train 30 steps, N=32k", train_cmd(f"{RUNS}/train", "train.steps=30", "train.log_every=10"), 90, {}),
+        ("train 30 steps, N=32k", train_cmd(f"{RUNS}/train", "train.steps=30", "train.log_every=10",
+                                            "train.profile_step=25"), 90, {}),
     ]
 
 
@@ -130,6 +134,30 @@ def estimate_gb(n: int) -> str:
     """The memory model's peak for the memory run at N, in GiB as the trainer logs peak_mem_gb."""
     cost = predicted("train.grad_accum=1", f"data.seq_len={n}")
     return "n/a" if cost is None else f"{cost.memory['total'] / 2 ** 30:.1f}"
+
+
+def kernel_summary(run_dir: str, top: int = 12) -> str:
+    """GPU time by kernel in the training run's traced step (rank 0's Chrome trace): the `top` largest, the rest
+    as one row, and the kernels' total against the span from the first kernel's start to the last one's end."""
+    paths = glob.glob(os.path.join(run_dir, "profile", "step_*", "rank0.json.gz"))
+    if not paths:
+        return "no trace of a training step"
+    with gzip.open(paths[0], "rt") as f:
+        kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+    if not kernels:
+        return "the traced step has no GPU kernels"
+    by_name = collections.Counter()
+    for e in kernels:
+        by_name[e["name"][:90]] += e["dur"] / 1e3  # ms
+    total = sum(by_name.values())
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3
+    rows = by_name.most_common(top)
+    rest = total - sum(ms for _, ms in rows)
+    return "\n".join([f"GPU kernels of the traced step: {total:.1f} ms busy over a {span:.1f} ms span "
+                      f"({len(kernels)} launches); largest by total time:\n",
+                      "| kernel | ms | share |", "|---|---|---|",
+                      *(f"| `{name}` | {ms:.2f} | {ms / total:.1%} |" for name, ms in rows),
+                      f"| (the other {len(by_name) - len(rows)}) | {rest:.2f} | {rest / total:.1%} |", ""])
 
 
 def pack_logs(out_dir: str) -> None:
@@ -195,6 +223,7 @@ def main() -> None:
         tail = "" if status == "ok" else f"\n```\n{out[-2000:]}\n```\n"
         details.append(f"{name} (logs.tar.gz: logs/{i}.log):\n\n{tables(out)}\n{tail}")
         save(False)
+    details.append(kernel_summary(f"{RUNS}/train"))
     for n in MEMORY_N:
         if left() < 30:
             memory.append(f"| {n} | not run (time budget) | {estimate_gb(n)} |")

@@ -112,3 +112,23 @@ def test_a_half_written_metrics_line_is_skipped(tmp_path):
     gpu_check = load_gpu_check()
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
     assert gpu_check.last_metrics(str(tmp_path)) == {"step": 1, "train/loss": 2.0}
+
+
+def test_kernel_summary_sums_gpu_time_by_kernel(tmp_path):
+    """The traced step's kernels by total time, from a Chrome trace as torch.profiler writes it on a GPU."""
+    import gzip
+    import json
+
+    gpu_check = load_gpu_check()
+    assert gpu_check.kernel_summary(str(tmp_path)) == "no trace of a training step"
+    trace = tmp_path / "profile" / "step_00000025" / "rank0.json.gz"
+    trace.parent.mkdir(parents=True)
+    events = [{"cat": "kernel", "name": "flash_fwd", "ts": 100, "dur": 1000},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9000},
+              {"cat": "kernel", "name": "gemm", "ts": 1200, "dur": 3000},
+              {"cat": "kernel", "name": "flash_fwd", "ts": 4300, "dur": 500}]
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = gpu_check.kernel_summary(str(tmp_path), top=1)
+    assert "4.5 ms busy over a 4.7 ms span (3 launches)" in summary
+    assert "| `gemm` | 3.00 | 66.7% |" in summary and "| (the other 1) | 1.50 | 33.3% |" in summary
