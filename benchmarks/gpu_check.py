@@ -3,14 +3,14 @@
 1. tests/test_triton.py compiled on the GPU (bf16 tests and the torch backend's CUDA operators included), one
    flash tile config (LONGTRAIN_TRITON_AUTOTUNE=0) and 16 pytest-xdist workers, as compiling is most of it
    (about 190 s on an H100 with 14)
-2. benchmarks/kernels.py at D=64 (the config's head dim): Triton vs SDPA flash, and vs fla's chunk_gla when
-   installed; rows print as measured
+2. benchmarks/kernels.py at D=64 (the config's head dim): Triton GLA vs fla's chunk_gla (when installed), then
+   Triton flash attention vs SDPA flash; rows print as measured
 3. benchmarks/ops.py: every op vs SDPA causal, bf16, through `auto`; then the softmax ops on the torch path
    (PyTorch's fused operators): with step 2 the data behind `auto`'s CUDA choice per op
 4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory; step 25 traced by
    torch.profiler, its GPU time by kernel in the report (the logged step 30 is not traced)
-5. peak memory of one training step at N = 128k, 256k, ... up to the first N that does not fit (or the time
-   left), beside trainer.memory_model's estimate (step 4 gives N = 32k)
+5. peak memory of one training step (one flash tile config: no autotuning per N) at N = 128k, 256k, ... up to
+   the first N that does not fit (or the time left), beside trainer.memory_model's estimate (step 4 gives 32k)
 
 Each step is a subprocess under the time left; a failed or cut step is reported with what it printed and the
 rest still run. It runs on the GPU machine's own python3 (its torch and Triton), with no venv and no network:
@@ -66,7 +66,7 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
     one_config = {"LONGTRAIN_TRITON_AUTOTUNE": "0"}
     return ([("carried wheels", install, 60, {})] if wheels else []) + [
         ("triton tests (compiled)", [PY, "-m", "pytest", "-q", "--durations=10", *(["-n", "16"] if xdist else []),
-                                     "tests/test_triton.py"], 190, one_config),
+                                     "tests/test_triton.py"], 180, one_config),
         ("benchmarks/kernels.py", [PY, "benchmarks/kernels.py", "--n", "8192", "32768", "--d", "64",
                                    "--out", os.path.join(out_dir, "kernels_gpu.png")], 80, {}),
         ("benchmarks/ops.py", [PY, "benchmarks/ops.py", "--n", "4096", "8192", "16384", "--linear-n", "65536",
@@ -75,7 +75,7 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
          [PY, "benchmarks/ops.py", "--n", "8192", "16384", "--linear-n", "--backend", "torch", "--ops", *SOFTMAX_OPS,
           "--out", os.path.join(out_dir, "ops_torch_gpu.png")], 30, {}),
         ("train 30 steps, N=32k", train_cmd(f"{RUNS}/train", "train.steps=30", "train.log_every=10",
-                                            "train.profile_step=25"), 90, {}),
+                                            "train.profile_step=25"), 120, {}),
     ]
 
 
@@ -230,7 +230,7 @@ def main() -> None:
             break
         run_dir = f"{RUNS}/mem_{n}"
         cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
-        status, _, out = run_step(cmd, min(90, left()), {}, f"mem_{n}.log")
+        status, _, out = run_step(cmd, min(90, left()), {"LONGTRAIN_TRITON_AUTOTUNE": "0"}, f"mem_{n}.log")
         peak = memory_cell(status, last_metrics(run_dir).get('train/peak_mem_gb'), out)
         memory.append(f"| {n} | {peak} | {estimate_gb(n)} |")
         save(False)

@@ -340,14 +340,14 @@ def test_cuda_bias_rows_start_on_16_element_boundaries():
 def test_auto_backend_path_per_op_and_device(monkeypatch):
     """auto: CPU runs the torch path; CUDA runs Triton, except softmax attention the flash kernel does not take
     (float64, head dim over 256 or unequal for q and v): that runs the torch path's tile loop."""
-    import importlib.util
     from types import SimpleNamespace
 
+    from longtrain import kernels
     from longtrain.config import KernelsConfig
     from longtrain.kernels import OPS, SOFTMAX_OPS, auto_choice, triton_backend
 
-    def tensor(device, dtype=torch.bfloat16, head_dim=64):  # what auto_choice reads; no GPU needed
-        return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 2, 8, head_dim))
+    def tensor(device, dtype=torch.bfloat16, head_dim=64, batch=1):  # what auto_choice reads; no GPU needed
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(batch, 2, 8, head_dim))
 
     assert KernelsConfig().backend == "auto"
     for op in OPS:
@@ -360,7 +360,12 @@ def test_auto_backend_path_per_op_and_device(monkeypatch):
             assert auto_choice(op, q, v) is (reference if op in SOFTMAX_OPS else triton_backend), (op, q)
     assert auto_choice("attention_forward", tensor("cuda", torch.float32), tensor("cuda", torch.float32)) \
         is triton_backend
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a CUDA torch without Triton
+    assert auto_choice("attention_forward", tensor("cuda", head_dim=256), tensor("cuda", head_dim=256)) \
+        is triton_backend
+    big = tensor("cuda", batch=32768)  # B * H = 65536 grid rows, one past CUDA's limit
+    assert auto_choice("linear_attention_chunked", big, None) is reference
+    assert auto_choice("linear_attention_chunked", tensor("cuda", batch=32767), None) is triton_backend
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)  # a CUDA torch without Triton
     assert auto_choice("linear_attention_chunked", tensor("cuda"), None) is reference
     q, k, v, g = (t.float() for t in linear_inputs("channel"))
     runs = [lambda backend: softmax_attention(q, k, v, window=9, backend=backend),

@@ -6,7 +6,8 @@ measured by `make gpu-check` on an H100 (2026-11-27, benchmarks/RESULTS.md): Tri
 against the torch path (PyTorch's fused operators on visible blocks) 0.60x causal, 0.29x with 16 packed
 documents and 0.07x with a 512 window (N=8192); the linear ops' torch path was not timed there. Softmax
 attention that the flash kernel does not take (float64, head dims over 256 or unequal for q and v) runs the
-torch path, and so does every op where Triton is not installed.
+torch path, and so does every op where Triton is not installed or B * H passes CUDA's 65535 grid rows (the
+Triton kernels launch one row of programs per batch and head).
 """
 import importlib.util
 import os
@@ -22,11 +23,13 @@ BACKENDS = ("auto", "torch", "triton")
 OPS = ("attention_forward", "attention_backward", "linear_attention_chunked", "sp_correction",
        "sp_correction_backward", "state_combine")
 SOFTMAX_OPS = ("attention_forward", "attention_backward")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+MAX_GRID_ROWS = 65535  # CUDA's limit on a launch grid's second axis, where the Triton kernels put B * H
 
 
 def auto_choice(op: str, q: Tensor, v: Tensor | None = None) -> ModuleType:
     """The module `auto` runs `op` with, for its first input q (and v, softmax attention's values)."""
-    if q.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+    if q.device.type != "cuda" or not HAS_TRITON or q.shape[0] * q.shape[1] > MAX_GRID_ROWS:
         return reference
     if op in SOFTMAX_OPS and (q.dtype == torch.float64 or q.shape[-1] > 256 or v.shape[-1] != q.shape[-1]):
         return reference
@@ -46,7 +49,8 @@ def auto_op(op: str):
 
 # FUSED_LINEAR_BACKWARD: the Triton linear op's backward is one fused call (see triton_backend); only a
 # scheduling hint to the SP code, so a GPU machine running CPU tensors stays exact.
-AUTO = SimpleNamespace(**{op: auto_op(op) for op in OPS}, FUSED_LINEAR_BACKWARD=torch.cuda.is_available())
+AUTO = SimpleNamespace(**{op: auto_op(op) for op in OPS},
+                       FUSED_LINEAR_BACKWARD=torch.cuda.is_available() and HAS_TRITON)
 
 
 def get_backend(name: str) -> ModuleType | SimpleNamespace:

@@ -84,7 +84,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                                                                  k.shape[2], 0.0, causal, seed, offset, scale=scale)
     lse = torch.nn.functional.pad(lse, (0, (-q.shape[2]) % 32))
     # In fp32: the bf16 efficient backward gave wrong gradients on an H100 (torch 2.11, masked window and offset
-    # blocks of test_torch_backend_on_cuda, off by up to 2.4; cause not established), its fp32 one was exact.
+    # blocks of test_torch_backend_on_cuda, off by up to 2.4; cause not established), the fp32 forward and backward
+    # were exact. Not yet run on a GPU after a bf16 forward: gpu_check's tests run it first.
     dout, q, k, v, out = (x.float() for x in (dout, q, k, v, out))
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     bias = cuda_bias(mask, q, k.shape[2])
