@@ -338,8 +338,8 @@ def test_cuda_bias_rows_start_on_16_element_boundaries():
 
 
 def test_auto_backend_path_per_op_and_device(monkeypatch):
-    """auto: CPU runs the torch path; CUDA runs Triton, except softmax attention the flash kernel does not take
-    (float64, head dim over 256 or unequal for q and v): that runs the torch path's tile loop."""
+    """auto: CPU runs the torch path; CUDA runs Triton, except float64 (the kernels compute in float32 at most)
+    and softmax attention the flash kernel does not take (head dim over 256 or unequal for q and v)."""
     from types import SimpleNamespace
 
     from longtrain import kernels
@@ -353,11 +353,12 @@ def test_auto_backend_path_per_op_and_device(monkeypatch):
     for op in OPS:
         assert auto_choice(op, tensor("cpu"), tensor("cpu")) is reference
         assert auto_choice(op, tensor("cuda"), tensor("cuda")) is triton_backend, op
-    for q, v in ((tensor("cuda", torch.float64), tensor("cuda", torch.float64)),
-                 (tensor("cuda", head_dim=320), tensor("cuda", head_dim=320)),
+    for q, v in ((tensor("cuda", head_dim=320), tensor("cuda", head_dim=320)),
                  (tensor("cuda"), tensor("cuda", head_dim=32))):
         for op in OPS:
             assert auto_choice(op, q, v) is (reference if op in SOFTMAX_OPS else triton_backend), (op, q)
+    for op in OPS:
+        assert auto_choice(op, tensor("cuda", torch.float64), tensor("cuda", torch.float64)) is reference, op
     assert auto_choice("attention_forward", tensor("cuda", torch.float32), tensor("cuda", torch.float32)) \
         is triton_backend
     assert auto_choice("attention_forward", tensor("cuda", head_dim=256), tensor("cuda", head_dim=256)) \

@@ -4,10 +4,11 @@
 measured by `make gpu-check` on an H100 (2026-11-27, benchmarks/RESULTS.md): Triton flash attention took
 0.87-0.95x the time of SDPA's flash kernel (causal, bf16, forward+backward, N 8k-32k, D 64/128), and
 against the torch path (PyTorch's fused operators on visible blocks) 0.60x causal, 0.29x with 16 packed
-documents and 0.07x with a 512 window (N=8192); the linear ops' torch path was not timed there. Softmax
-attention that the flash kernel does not take (float64, head dims over 256 or unequal for q and v) runs the
-torch path, and so does every op where Triton is not installed or B * H passes CUDA's 65535 grid rows (the
-Triton kernels launch one row of programs per batch and head).
+documents and 0.07x with a 512 window (N=8192); the linear ops' torch path was not timed there. Float64
+runs the torch path (the Triton kernels compute in float32 at most), as does softmax attention with head dims
+over 256 or unequal for q and v (the flash kernel does not take them), and every op where Triton is not
+installed or B * H passes CUDA's 65535 grid rows (the Triton kernels launch one row of programs per batch
+and head).
 """
 import importlib.util
 import os
@@ -29,9 +30,10 @@ MAX_GRID_ROWS = 65535  # CUDA's limit on a launch grid's second axis, where the 
 
 def auto_choice(op: str, q: Tensor, v: Tensor | None = None) -> ModuleType:
     """The module `auto` runs `op` with, for its first input q (and v, softmax attention's values)."""
-    if q.device.type != "cuda" or not HAS_TRITON or q.shape[0] * q.shape[1] > MAX_GRID_ROWS:
+    if q.device.type != "cuda" or not HAS_TRITON or q.dtype == torch.float64:
         return reference
-    if op in SOFTMAX_OPS and (q.dtype == torch.float64 or q.shape[-1] > 256 or v.shape[-1] != q.shape[-1]):
+    if q.shape[0] * q.shape[1] > MAX_GRID_ROWS or (op in SOFTMAX_OPS and (q.shape[-1] > 256 or
+                                                                          v.shape[-1] != q.shape[-1])):
         return reference
     from longtrain.kernels import triton_backend
     return triton_backend
