@@ -9,8 +9,9 @@
    (PyTorch's fused operators): with step 2 the data behind `auto`'s CUDA choice per op
 4. 30 training steps of configs/h100_hybrid_32k.yaml: tokens/s, MFU, peak memory; step 25 traced by
    torch.profiler, its GPU time by kernel in the report (the logged step 30 is not traced)
-5. peak memory of one training step (one flash tile config: no autotuning per N) at N = 128k, 256k, ... up to
-   the first N that does not fit (or the time left), beside trainer.memory_model's estimate (step 4 gives 32k)
+5. peak memory of one training step with activation checkpointing (one flash tile config: no autotuning per
+   N) at N = 128k, 256k, ... up to the first N that does not fit (or the time left), beside
+   trainer.memory_model's estimate
 
 Each step is a subprocess under the time left; a failed or cut step is reported with what it printed and the
 rest still run. It runs on the GPU machine's own python3 (its torch and Triton), with no venv and no network:
@@ -50,6 +51,7 @@ PROFILE = "h100-nvlink-ib"  # the cost model's hardware profile the measurements
 SOFTMAX_OPS = ["sdpa causal", "causal", "docs 512", "window 512"]
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.save_last=false", "train.eval_every=0"]
 MEMORY_N = [131072, 262144, 524288, 1048576]  # until one does not fit (or the time is up)
+MEMORY = ["train.grad_accum=1", "model.activation_checkpointing=true"]  # the config's step, made to reach long N
 
 
 def train_cmd(run_dir: str, *overrides: str) -> list[str]:
@@ -132,7 +134,7 @@ def predicted(*overrides: str):
 
 def estimate_gb(n: int) -> str:
     """The memory model's peak for the memory run at N, in GiB as the trainer logs peak_mem_gb."""
-    cost = predicted("train.grad_accum=1", f"data.seq_len={n}")
+    cost = predicted(*MEMORY, f"data.seq_len={n}")
     return "n/a" if cost is None else f"{cost.memory['total'] / 2 ** 30:.1f}"
 
 
@@ -187,8 +189,8 @@ def main() -> None:
     if args.dry_run:
         for name, cmd, limit, env in steps(out_dir):
             print(f"{name} (<= {limit} s):", " ".join([f"{k}={v}" for k, v in env.items()] + cmd))
-        print("peak memory:", " ".join(train_cmd(f"{RUNS}/mem_N", "train.steps=1", "train.grad_accum=1",
-                                                 "train.log_every=1", "data.seq_len=N")))
+        print("peak memory:", " ".join(train_cmd(f"{RUNS}/mem_N", "train.steps=1", "train.log_every=1", *MEMORY,
+                                                 "data.seq_len=N")))
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (use --dry-run to see the commands)")
@@ -229,7 +231,7 @@ def main() -> None:
             memory.append(f"| {n} | not run (time budget) | {estimate_gb(n)} |")
             break
         run_dir = f"{RUNS}/mem_{n}"
-        cmd = train_cmd(run_dir, "train.steps=1", "train.grad_accum=1", "train.log_every=1", f"data.seq_len={n}")
+        cmd = train_cmd(run_dir, "train.steps=1", "train.log_every=1", *MEMORY, f"data.seq_len={n}")
         status, _, out = run_step(cmd, min(90, left()), {"LONGTRAIN_TRITON_AUTOTUNE": "0"}, f"mem_{n}.log")
         peak = memory_cell(status, last_metrics(run_dir).get('train/peak_mem_gb'), out)
         memory.append(f"| {n} | {peak} | {estimate_gb(n)} |")
@@ -264,7 +266,8 @@ def section(report: list[str], details: list[str], memory: list[str], seconds: f
         f"{'' if done else ' (still running)'}.\n",
         "| step | result | s |", "|---|---|---|", *report, "",
         f"Training, {CONFIG}, 30 steps at N=32k: {train}.\n",
-        "Peak memory of one training step (grad_accum 1), GiB, and the memory model's estimate:\n",
+        "Peak memory of one training step (grad_accum 1, activation checkpointing), GiB, and the memory model's "
+        "estimate:\n",
         "| N | peak | estimate |", "|---|---|---|", *memory, "",
         *details])
 
