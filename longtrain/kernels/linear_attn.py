@@ -326,14 +326,16 @@ def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, in
     dv = torch.empty(B, H, N, DV, device=q.device, dtype=torch.float32)
     _grads_kernel[grid](q, k, v, bc, seen, states, dstates, dout, dq_parts, dk_parts, dv, scale, N, NP, H, DK, DV,
                         **meta)
-    dq_scaled, dk = dq_parts.sum(0), dk_parts.sum(0)
+    # one Dv block (Dv <= 64): its partials are the gradients, no sum (a copy of each)
+    dq_scaled, dk = (dq_parts[0], dk_parts[0]) if grid[2] == 1 else (dq_parts.sum(0), dk_parts.sum(0))
     dg = None
     if log_decay is not None:
-        # d b_t = q_t dq_t - k_t dk_t, plus sum_v dS_out * S_out at each chunk's last row; g -> b is a cumsum
+        # d b_t = q_t dq_t - k_t dk_t, plus sum_v dS_out * S_out at each chunk's last row (the state leaving chunk
+        # c is the one entering c + 1, the last one is final); g -> b is a cumsum
         db = q.float() * scale * dq_scaled - k.float() * dk
         db = chunk_inputs(db, CHUNK)  # [B, H, NC, CHUNK, DK]
-        states_out = torch.cat([states[:, :, 1:], final[:, :, None]], 2)
-        db[:, :, :, -1] += (dstates * states_out).sum(-1)
+        db[:, :, :-1, -1] += (dstates[:, :, :-1] * states[:, :, 1:]).sum(-1)
+        db[:, :, -1, -1] += (dstates[:, :, -1] * final).sum(-1)
         dg = db.flip(3).cumsum(3).flip(3).flatten(2, 3)[:, :, :N]
         dg = dg.sum(-1) if log_decay.dim() == 3 else dg
     return dq_scaled * scale, dk, dv, dg, ds0
