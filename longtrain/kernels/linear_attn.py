@@ -145,10 +145,11 @@ def _output_kernel(Q, K, V, BC, SEEN, STATES, OUT, scale, N, NP, H, DK, DV, sbn,
 
 
 @triton.jit
-def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N, NP, H, DK, DV, sbn, sbk,
-                  PER_KEY: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dq (w.r.t. scale q) and dk of one SUB-row tile from one Dv block (partials the caller sums), and its dv.
+def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, DB, scale, N, NP, H, DK, DV, sbn, sbk,
+                  PER_KEY: tl.constexpr, WITH_DB: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
+                  SUB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dq (w.r.t. scale q) and dk of one SUB-row tile from one Dv block (partials the caller sums), and its dv;
+    with WITH_DB also the block's part of d b = (scale q) dq - k dk, the decay gradient before its cumsum.
 
     State terms use the chunk's entering state and the gradient of its leaving state; pair terms take the
     tile as queries against earlier key tiles (dq) and as keys against later query tiles (dk, dv).
@@ -247,6 +248,8 @@ def _grads_kernel(Q, K, V, BC, SEEN, STATES, DSTATES, DO, DQ, DK_, DV_, scale, N
     part = (pid_v * tl.num_programs(1) + bh) * N
     tl.store(DQ + (part + rows[:, None]) * DK + offs_k[None, :], dq, mask=qk_mask)
     tl.store(DK_ + (part + rows[:, None]) * DK + offs_k[None, :], dk, mask=qk_mask)
+    if WITH_DB:
+        tl.store(DB + (part + rows[:, None]) * DK + offs_k[None, :], q * dq - k * dk, mask=qk_mask)
     tl.store(DV_ + (bh * N + rows[:, None]) * DV + offs_v[None, :], dv, mask=rv_mask)
 
 
@@ -324,16 +327,16 @@ def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, in
     dq_parts = torch.empty(grid[2], B, H, N, DK, device=q.device, dtype=torch.float32)
     dk_parts = torch.empty_like(dq_parts)
     dv = torch.empty(B, H, N, DV, device=q.device, dtype=torch.float32)
-    _grads_kernel[grid](q, k, v, bc, seen, states, dstates, dout, dq_parts, dk_parts, dv, scale, N, NP, H, DK, DV,
-                        **meta)
+    db_parts = torch.empty_like(dq_parts) if log_decay is not None else dq_parts  # (unused without a decay)
+    _grads_kernel[grid](q, k, v, bc, seen, states, dstates, dout, dq_parts, dk_parts, dv, db_parts, scale, N, NP, H,
+                        DK, DV, WITH_DB=log_decay is not None, **meta)
     # one Dv block (Dv <= 64): its partials are the gradients, no sum (a copy of each)
     dq_scaled, dk = (dq_parts[0], dk_parts[0]) if grid[2] == 1 else (dq_parts.sum(0), dk_parts.sum(0))
     dg = None
     if log_decay is not None:
-        # d b_t = q_t dq_t - k_t dk_t, plus sum_v dS_out * S_out at each chunk's last row (the state leaving chunk
-        # c is the one entering c + 1, the last one is final); g -> b is a cumsum
-        db = q.float() * scale * dq_scaled - k.float() * dk
-        db = chunk_inputs(db, CHUNK)  # [B, H, NC, CHUNK, DK]
+        # d b_t = q_t dq_t - k_t dk_t (from the kernel), plus sum_v dS_out * S_out at each chunk's last row (the
+        # state leaving chunk c is the one entering c + 1, the last one is final); g -> b is a cumsum
+        db = chunk_inputs(db_parts[0] if grid[2] == 1 else db_parts.sum(0), CHUNK)  # [B, H, NC, CHUNK, DK]
         db[:, :, :-1, -1] += (dstates[:, :, :-1] * states[:, :, 1:]).sum(-1)
         db[:, :, -1, -1] += (dstates[:, :, -1] * final).sum(-1)
         dg = db.flip(3).cumsum(3).flip(3).flatten(2, 3)[:, :, :N]
