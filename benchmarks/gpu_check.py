@@ -48,7 +48,6 @@ RUNS = "runs/gpu_check"  # training run dirs, removed first: a leftover one woul
 LOGS = os.path.join(RUNS, "logs")  # one file per step; out_dir gets them as one logs.tar.gz
 CONFIG = "configs/h100_hybrid_32k.yaml"
 PROFILE = "h100-nvlink-ib"  # the cost model's hardware profile the measurements are set beside
-SOFTMAX_OPS = ["sdpa causal", "causal", "docs 512", "window 512"]
 COMMON = ["wandb.mode=disabled", "train.save_every=0", "train.save_last=false", "train.eval_every=0"]
 MEMORY_N = [131072, 262144, 524288, 1048576]  # until one does not fit (or the time is up)
 MEMORY = ["train.grad_accum=1", "model.activation_checkpointing=true"]  # the config's step, made to reach long N
@@ -74,7 +73,7 @@ def steps(out_dir: str) -> list[tuple[str, list[str], float, dict]]:
         ("benchmarks/ops.py", [PY, "benchmarks/ops.py", "--n", "4096", "8192", "16384", "--linear-n", "65536",
                                "--out", os.path.join(out_dir, "ops_gpu.png")], 30, {}),
         ("benchmarks/ops.py, softmax on the torch path",
-         [PY, "benchmarks/ops.py", "--n", "8192", "16384", "--linear-n", "--backend", "torch", "--ops", *SOFTMAX_OPS,
+         [PY, "benchmarks/ops.py", "--n", "8192", "16384", "--linear-n", "--backend", "torch", "--ops", "softmax",
           "--out", os.path.join(out_dir, "ops_torch_gpu.png")], 30, {}),
         ("train 30 steps, N=32k", train_cmd(f"{RUNS}/train", "train.steps=30", "train.log_every=10",
                                             "train.profile_step=25"), 120, {}),

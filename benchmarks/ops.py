@@ -23,6 +23,7 @@ from longtrain.attention import linear_attention, softmax_attention  # noqa: E40
 
 SOFTMAX_OPS = ("sdpa causal", "causal", "docs 512", "window 512")
 LINEAR_OPS = ("gla", "scalar decay", "no decay")
+FAMILIES = {"softmax": SOFTMAX_OPS, "linear": LINEAR_OPS}  # --ops shorthands
 
 
 def make_step(op: str, n: int, heads: int, dim: int, backend: str, device: torch.device, dtype: torch.dtype):
@@ -82,10 +83,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="inputs' dtype (default: bfloat16 on a GPU, as training runs there; float32 on CPU)")
-    p.add_argument("--ops", nargs="+", default=list(SOFTMAX_OPS + LINEAR_OPS), choices=SOFTMAX_OPS + LINEAR_OPS,
-                   help="ops to run (default: all)")
+    p.add_argument("--ops", nargs="+", default=list(SOFTMAX_OPS + LINEAR_OPS),
+                   choices=SOFTMAX_OPS + LINEAR_OPS + tuple(FAMILIES), help="ops to run, or a family's (default: all)")
     p.add_argument("--out", default="benchmarks/ops.png")
     args = p.parse_args()
+    args.ops = [op for name in args.ops for op in FAMILIES.get(name, (name,))]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -153,18 +153,25 @@ def test_linear_attention_with_each_feature_map_matches_its_equations(feature_ma
                                atol=1e-10, rtol=0)
 
 
-def test_bf16_autocast_reaches_fused_kernels():
-    """Under bf16 autocast no mixer hands PyTorch's RMSNorm a bf16 input with an fp32 weight (its unfused
-    fallback, warned once per process: hence a fresh one)."""
+def test_bf16_reaches_fused_kernels():
+    """Under bf16 autocast no RMSNorm gets an input and a weight of two dtypes (PyTorch's unfused fallback, warned
+    once per process: hence a fresh one): every mixer, then the model's training step."""
     import subprocess
     import sys
 
     script = ("import torch\n"
               "from longtrain.attention import MIXERS, AttnContext, MixerOptions, build_mixer\n"
+              "from longtrain.config import load_config\n"
+              "from longtrain.trainer.model import LM\n"
               "for name in MIXERS:\n"
               "    mixer = build_mixer(name, 32, 4, MixerOptions(n_kv_heads=2, window=6, chunk_size=8))\n"
               "    with torch.autocast('cpu', torch.bfloat16):\n"
-              "        mixer(torch.randn(2, 20, 32), AttnContext.single(20)).float().sum().backward()\n")
+              "        mixer(torch.randn(2, 20, 32), AttnContext.single(20)).float().sum().backward()\n"
+              "cfg = load_config(None, ['model.d_model=32', 'model.n_layers=2', 'model.n_heads=2', "
+              "'model.vocab_size=40', 'model.pattern=gla,softmax', 'model.chunk_size=8'])\n"
+              "tokens = torch.randint(0, 40, (2, 24))\n"
+              "with torch.autocast('cpu', torch.bfloat16):\n"
+              "    LM(cfg.model)(tokens, AttnContext.single(24), tokens, tokens > 0)[0].backward()\n")
     run = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "Mismatch dtype" not in run.stderr, run.stderr

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longtrain.attention.context import AttnContext
+from longtrain.attention.norm import RMSNorm
 from longtrain.attention.ops import linear_attention
 from longtrain.parallel import sp_linear_attention
 
@@ -33,7 +34,7 @@ class LinearAttention(nn.Module):
         self.feature = FEATURE_MAPS[feature_map]
         self.chunk_size = opts.chunk_size
         self.wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.out_norm = RMSNorm(self.head_dim, eps=1e-6)
         self.wo = nn.Linear(d_model, d_model, bias=False)
 
     def log_decay(self, x: Tensor) -> Tensor | None:
@@ -61,10 +62,7 @@ class LinearAttention(nn.Module):
         else:
             out, _ = linear_attention(q, k, v, log_decay=log_decay, segment_ids=ctx.segment_ids,
                                       chunk_size=self.chunk_size, backend=ctx.backend)
-        out = out.transpose(1, 2)  # [B, N, H, D]
-        # the norm's weight in out's dtype: bf16 under autocast otherwise misses PyTorch's fused RMSNorm kernel
-        out = F.rms_norm(out, self.out_norm.normalized_shape, self.out_norm.weight.to(out.dtype), self.out_norm.eps)
-        out = self.gate(out, x)
+        out = self.gate(self.out_norm(out.transpose(1, 2)), x)  # [B, N, H, D]
         return self.wo(out.reshape(B, N, -1))
 
 

@@ -314,6 +314,11 @@ def chunk_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, log_decay: Tens
     return out, final
 
 
+def _sum_parts(parts: Tensor) -> Tensor:
+    """The sum of the Dv blocks' partials [blocks, ...]; one block's (Dv <= 64) as it is, not a copy."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+
 def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, initial_state: Tensor | None,
                    segment_ids: Tensor | None, dout: Tensor, dfinal: Tensor | None, scale: float):
     """(dq, dk, dv, dlog_decay or None, dinitial_state), fp32. Recomputes the chunk states (as fla does)."""
@@ -330,13 +335,12 @@ def chunk_backward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, in
     db_parts = torch.empty_like(dq_parts) if log_decay is not None else dq_parts  # (unused without a decay)
     _grads_kernel[grid](q, k, v, bc, seen, states, dstates, dout, dq_parts, dk_parts, dv, db_parts, scale, N, NP, H,
                         DK, DV, WITH_DB=log_decay is not None, **meta)
-    # one Dv block (Dv <= 64): its partials are the gradients, no sum (a copy of each)
-    dq_scaled, dk = (dq_parts[0], dk_parts[0]) if grid[2] == 1 else (dq_parts.sum(0), dk_parts.sum(0))
+    dq_scaled, dk = _sum_parts(dq_parts), _sum_parts(dk_parts)
     dg = None
     if log_decay is not None:
         # d b_t = q_t dq_t - k_t dk_t (from the kernel), plus sum_v dS_out * S_out at each chunk's last row (the
         # state leaving chunk c is the one entering c + 1, the last one is final); g -> b is a cumsum
-        db = chunk_inputs(db_parts[0] if grid[2] == 1 else db_parts.sum(0), CHUNK)  # [B, H, NC, CHUNK, DK]
+        db = chunk_inputs(_sum_parts(db_parts), CHUNK)  # [B, H, NC, CHUNK, DK]
         db[:, :, :-1, -1] += (dstates[:, :, :-1] * states[:, :, 1:]).sum(-1)
         db[:, :, -1, -1] += (dstates[:, :, -1] * final).sum(-1)
         dg = db.flip(3).cumsum(3).flip(3).flatten(2, 3)[:, :, :N]

@@ -3,6 +3,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longtrain.attention import LINEAR_FAMILY, AttnContext, MixerOptions, build_mixer
+from longtrain.attention.norm import RMSNorm
 from longtrain.config import ModelConfig, layer_mixers
 from longtrain.trainer.loss import linear_cross_entropy
 
@@ -24,9 +25,9 @@ class Block(nn.Module):
     def __init__(self, mixer: str, d_model: int, n_heads: int, hidden: int, opts: MixerOptions) -> None:
         super().__init__()
         self.mixer_name = mixer
-        self.attn_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.attn_norm = RMSNorm(d_model, eps=1e-6)
         self.mixer = build_mixer(mixer, d_model, n_heads, opts)
-        self.mlp_norm = nn.RMSNorm(d_model, eps=1e-6)
+        self.mlp_norm = RMSNorm(d_model, eps=1e-6)
         self.mlp = SwiGLU(d_model, hidden)
 
     def forward(self, x: Tensor, ctx: AttnContext) -> Tensor:
@@ -74,7 +75,7 @@ class LM(nn.Module):
         self.mixers = layer_mixers(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(m, cfg.d_model, cfg.n_heads, mlp_hidden(cfg), cfg) for m in self.mixers)
-        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.norm = RMSNorm(cfg.d_model, eps=1e-6)
         self.head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_chunk)
         self.apply(self.init_weights)
         if cfg.tie_embeddings:
